@@ -1,0 +1,232 @@
+"""Building blocks shared by the UNet, the VAE and the text encoders.
+
+Every weight carries its logical axis names in the ``logical_axes`` metadata field; the
+mapping of logical names to mesh axes lives in one place (``sdxl_jax.sharding``) and is chosen
+by the config. Stacked (scanned) layers get a leading ``"layers"`` axis.
+
+Layout conventions: images are NHWC, sequences [B, T, D]; conv kernels HWIO; linear kernels
+[in, out]. Parameters are created in ``param_dtype`` (fp32 by default) and computed in
+``dtype`` (bf16 for training, fp32 for parity tests).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def linear(
+    din: int,
+    dout: int,
+    axes: tuple[str | None, str | None],
+    *,
+    rngs: nnx.Rngs,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    use_bias: bool = True,
+) -> nnx.Linear:
+    """An ``nnx.Linear`` whose kernel and bias carry logical axis names."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        kernel_metadata={"logical_axes": axes},
+        bias_metadata={"logical_axes": (axes[1],)},
+    )
+
+
+def conv(
+    cin: int,
+    cout: int,
+    kernel: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    stride: int = 1,
+    padding: Any = "SAME_TORCH",
+) -> nnx.Conv:
+    """An NHWC ``nnx.Conv``; the default padding is PyTorch's symmetric ``kernel // 2``."""
+    if padding == "SAME_TORCH":
+        padding = ((kernel // 2, kernel // 2),) * 2
+    return nnx.Conv(
+        cin,
+        cout,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        kernel_metadata={"logical_axes": (None, None, "conv_in", "conv_out")},
+        bias_metadata={"logical_axes": ("conv_out",)},
+    )
+
+
+def group_norm(
+    channels: int, groups: int, eps: float, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype
+) -> nnx.GroupNorm:
+    """GroupNorm over contiguous channel groups (PyTorch's grouping), two-pass variance."""
+    if channels % groups:
+        raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} groups")
+    return nnx.GroupNorm(
+        channels,
+        num_groups=groups,
+        epsilon=eps,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        scale_metadata={"logical_axes": ("norm",)},
+        bias_metadata={"logical_axes": ("norm",)},
+    )
+
+
+def layer_norm(
+    dim: int, eps: float, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype
+) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        scale_metadata={"logical_axes": ("norm",)},
+        bias_metadata={"logical_axes": ("norm",)},
+    )
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    implementation: str = "auto",
+) -> jax.Array:
+    """Multi-head scaled dot-product attention; q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H].
+
+    The single entry point for attention in every model. ``auto`` takes cuDNN's fused kernel on
+    GPU where it applies (fp16/bf16, head dim a multiple of 8 up to 128) and XLA elsewhere; a TPU
+    splash-attention kernel would slot in here.
+    """
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {implementation!r}: use one of {ATTENTION_IMPLS}")
+    impl = None if implementation == "auto" else implementation
+    if implementation == "auto":
+        head = q.shape[-1]
+        if (
+            jax.default_backend() == "gpu"
+            and q.dtype in (jnp.bfloat16, jnp.float16)
+            and head % 8 == 0
+            and head <= 128
+        ):
+            impl = "cudnn"
+        else:
+            impl = "xla"
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+    """[B, T, N*H] -> [B, T, N, H]."""
+    b, t, d = x.shape
+    return x.reshape(b, t, heads, d // heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """[B, T, N, H] -> [B, T, N*H]."""
+    b, t, n, h = x.shape
+    return x.reshape(b, t, n * h)
+
+
+def timestep_embedding(
+    t: jax.Array, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps, [B] -> [B, dim], in fp32.
+
+    Matches diffusers' ``get_timestep_embedding`` (SDXL: cos first, shift 0).
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
+    """Create ``count`` copies of a module with independent init, stacked on a leading axis.
+
+    The result is applied with :func:`scan_apply`, so compile time does not grow with depth.
+    Each weight's logical axes gain a leading ``"layers"`` name.
+    """
+    if count < 1:
+        raise ValueError(f"a stack needs at least one layer, got {count}")
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs: nnx.Rngs) -> nnx.Module:
+        return make(rngs)
+
+    module = create(rngs)
+    for _, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Param):
+            axes = var.get_metadata().get("logical_axes")
+            if axes is not None:
+                var.set_metadata(logical_axes=("layers", *axes))
+    return module
+
+
+def scan_apply(
+    stack: nnx.Module, x: jax.Array, *args: Any, remat: bool = False, collect: bool = False
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Run ``x = layer(x, *args)`` over the layers of a :func:`stacked` module under ``nnx.scan``.
+
+    ``args`` (e.g. the cross-attention context) are broadcast to every layer. ``remat``
+    recomputes each layer's activations in the backward pass instead of storing them.
+    ``collect`` also returns every layer's output stacked, [L, *x.shape].
+    """
+
+    def body(layer: nnx.Module, h: jax.Array) -> jax.Array:
+        return layer(h, *args)
+
+    if remat:
+        body = nnx.remat(body)
+
+    if collect:
+
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
+        def run_all(layer: nnx.Module, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+            h = body(layer, h)
+            return h, h
+
+        return run_all(stack, x)
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def run(layer: nnx.Module, h: jax.Array) -> jax.Array:
+        return body(layer, h)
+
+    return run(stack, x)
+
+
+def stack_depth(stack: nnx.Module) -> int:
+    """Number of layers in a :func:`stacked` module."""
+    for _, var in nnx.iter_graph(stack):
+        if isinstance(var, nnx.Param):
+            return var.shape[0]
+    raise ValueError("stack has no parameters")

@@ -1,0 +1,129 @@
+"""Build a module from named tensors, streaming, straight into the target dtype and sharding.
+
+The module is first built abstractly (``nnx.eval_shape``: nothing allocated), every expected key
+and shape is checked against the checkpoint's header, and only then are tensors read, one at a
+time, converted to our layout, cast and placed: host memory holds the parameters being built plus
+the tensor in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sdxl_jax.weights.mapping import NameRules, ParamEntry, param_entries
+from sdxl_jax.weights.safetensors_io import TensorSpec
+
+ShardingFn = Callable[[tuple, nnx.Variable], jax.sharding.Sharding]
+
+
+class Source(Protocol):
+    description: str
+
+    def keys(self) -> list[str]: ...
+    def __contains__(self, key: str) -> bool: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def read(self, key: str) -> np.ndarray: ...
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint does not fit the model it is loaded into."""
+
+
+def check_source(entries: list[ParamEntry], source: Source, rules: NameRules, component: str) -> None:
+    """Fail on the first missing, unexpected or wrongly shaped tensor, before reading any data."""
+    expected = {}
+    for e in entries:
+        for k in e.keys:
+            expected[k] = e.ref_shape
+    missing = [k for k in expected if k not in source]
+    if missing:
+        k = missing[0]
+        raise CheckpointMismatch(
+            f"{component}: {source.description} lacks {k!r} (expected shape {expected[k]}); "
+            f"{len(missing)} of {len(expected)} expected tensors are missing. Check that the "
+            f"checkpoint holds this component and that its config matches the weights."
+        )
+    for k, shape in expected.items():
+        found = tuple(source.shape(k))
+        if found != tuple(shape):
+            raise CheckpointMismatch(
+                f"{component}: {k!r} has shape {found} in {source.description}, expected "
+                f"{tuple(shape)}. The checkpoint was made for a different architecture "
+                f"(a refiner given as base, or a config.json that does not match its weights?)."
+            )
+    unexpected = [
+        k for k in source.keys() if k not in expected and not k.endswith(rules.ignore_suffixes or ("\0",))
+    ]
+    if unexpected:
+        raise CheckpointMismatch(
+            f"{component}: {source.description} holds {unexpected[0]!r} "
+            f"(shape {tuple(source.shape(unexpected[0]))}), which this model has no place for "
+            f"({len(unexpected)} such tensors). The checkpoint is for a different architecture "
+            f"or config."
+        )
+
+
+def default_sharding(path: tuple, var: nnx.Variable) -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def load_module(
+    abstract: nnx.Module,
+    source: Source,
+    rules: NameRules,
+    *,
+    component: str,
+    sharding: ShardingFn | None = None,
+) -> nnx.Module:
+    """Fill an abstract module (from ``nnx.eval_shape``) with tensors from ``source``.
+
+    Each parameter is created in the dtype the abstract module declares (its ``param_dtype``) and
+    placed with ``sharding(path, var)`` (one device by default), one shard at a time.
+    """
+    sharding = sharding or default_sharding
+    entries = param_entries(abstract, rules)
+    check_source(entries, source, rules, component)
+    graphdef, state = nnx.split(abstract)
+    by_path = {e.path: e for e in entries}
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        e = by_path.get(tuple(path))
+        if e is None:  # a non-parameter variable: keep as created
+            flat.append((path, var))
+            continue
+        dtype = np.dtype(var.dtype)
+        if e.stacked:
+            arr = np.empty(e.shape, dtype)
+            for i, k in enumerate(e.keys):
+                arr[i] = e.to_ours(source.read(k))
+        else:
+            arr = np.asarray(e.to_ours(source.read(e.keys[0]))).astype(dtype, copy=False)
+        value = jax.make_array_from_callback(arr.shape, sharding(path, var), lambda idx, a=arr: a[idx])
+        del arr
+        flat.append((path, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def export_tensors(
+    module: nnx.Module, rules: NameRules, dtype: np.dtype | None = None
+) -> dict[str, TensorSpec]:
+    """Our parameters as reference-named tensors, each converted only when it is written."""
+    out: dict[str, TensorSpec] = {}
+    params = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    for e in param_entries(module, rules):
+        var = params[e.path]
+        dt = np.dtype(dtype or var.dtype)
+        for i, k in enumerate(e.keys):
+
+            def produce(var=var, e=e, i=i, dt=dt) -> np.ndarray:
+                v = var.get_value()
+                v = v[i] if e.stacked else v
+                return np.ascontiguousarray(e.to_ref(np.asarray(v))).astype(dt, copy=False)
+
+            out[k] = TensorSpec(e.ref_shape, dt, produce)
+    return out

@@ -1,0 +1,205 @@
+"""Streaming safetensors reading and writing, one tensor at a time.
+
+Our own reader rather than ``safetensors.safe_open`` so that bf16 arrives as ``ml_dtypes.bfloat16``
+without torch, and so a tensor is read with one ``pread`` into a buffer we own: loading a
+checkpoint never holds more than the tensor in flight beyond the parameters being built.
+Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+then the raw little-endian data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+class SafetensorsFile:
+    """Random access to the tensors of one .safetensors file, without reading the others."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER:
+                raise ValueError(f"{self.path}: not a safetensors file (header length {n})")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{self.path}: not a safetensors file ({e})") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        base = 8 + n
+        self.tensors: dict[str, TensorInfo] = {}
+        for key, entry in header.items():
+            if entry["dtype"] not in DTYPES:
+                raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+            begin, end = entry["data_offsets"]
+            self.tensors[key] = TensorInfo(
+                DTYPES[entry["dtype"]], tuple(entry["shape"]), base + begin, end - begin
+            )
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, key: str) -> np.ndarray:
+        info = self.tensors[key]
+        count = int(np.prod(info.shape, dtype=np.int64))
+        arr = np.fromfile(self.path, dtype=info.dtype, count=count, offset=info.offset)
+        if arr.size != count:
+            raise ValueError(f"{self.path}: tensor {key!r} is truncated")
+        return arr.reshape(info.shape)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: its shape and dtype now, its values only when written."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    produce: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def spec_of(array: np.ndarray) -> TensorSpec:
+    return TensorSpec(tuple(array.shape), np.dtype(array.dtype), lambda: array)
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, TensorSpec],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write tensors one by one (each produced just before it is written), atomically."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for key, spec in tensors.items():
+        if np.dtype(spec.dtype) not in NAMES:
+            raise ValueError(f"cannot write tensor {key!r} of dtype {spec.dtype}")
+        header[key] = {
+            "dtype": NAMES[np.dtype(spec.dtype)],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for key, spec in tensors.items():
+            arr = np.ascontiguousarray(spec.produce(), dtype=spec.dtype)
+            if tuple(arr.shape) != tuple(spec.shape):
+                raise ValueError(f"tensor {key!r}: produced {arr.shape}, declared {spec.shape}")
+            f.write(arr.tobytes() if arr.dtype.byteorder == ">" else memoryview(arr).cast("B"))
+    os.replace(tmp, path)
+
+
+def write_sharded(
+    folder: str | os.PathLike,
+    stem: str,
+    tensors: Mapping[str, TensorSpec],
+    max_shard_bytes: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Write ``<stem>.safetensors``, or shards plus ``<stem>.safetensors.index.json`` (HF layout)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, TensorSpec]] = [{}]
+    size = 0
+    for key, spec in tensors.items():
+        if max_shard_bytes and shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = spec
+        size += spec.nbytes
+    if len(shards) == 1:
+        name = f"{stem}.safetensors"
+        write_safetensors(folder / name, shards[0], metadata)
+        return [name]
+    names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        write_safetensors(folder / name, shard, metadata)
+        weight_map.update({k: name for k in shard})
+    total = sum(s.nbytes for s in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names
+
+
+class TensorSource:
+    """Named tensors from one or more safetensors files (a sharded checkpoint's index included)."""
+
+    def __init__(self, files: Iterable[SafetensorsFile], description: str):
+        self.description = description
+        self._where: dict[str, SafetensorsFile] = {}
+        for f in files:
+            for key in f.keys():
+                self._where[key] = f
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> TensorSource:
+        """A ``.safetensors`` file or a ``.safetensors.index.json`` index of shards."""
+        path = Path(path)
+        if path.name.endswith(".index.json"):
+            index = json.loads(path.read_text())
+            names = sorted(set(index["weight_map"].values()))
+            return cls([SafetensorsFile(path.parent / n) for n in names], str(path))
+        return cls([SafetensorsFile(path)], str(path))
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key].tensors[key].shape
+
+    def info(self, key: str) -> TensorInfo:
+        return self._where[key].tensors[key]
+
+    def read(self, key: str) -> np.ndarray:
+        return self._where[key].read(key)
+
