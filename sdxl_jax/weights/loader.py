@@ -41,14 +41,13 @@ def check_source(entries: list[ParamEntry], source: Source, rules: NameRules, co
         for k in e.keys:
             expected[k] = e.ref_shape
     missing = [k for k in expected if k not in source]
-    if missing:
-        k = missing[0]
-        raise CheckpointMismatch(
-            f"{component}: {source.description} lacks {k!r} (expected shape {expected[k]}); "
-            f"{len(missing)} of {len(expected)} expected tensors are missing. Check that the "
-            f"checkpoint holds this component and that its config matches the weights."
-        )
-    for k, shape in expected.items():
+    for k, shape in expected.items():  # the first offending key, in the model's order
+        if k not in source:
+            raise CheckpointMismatch(
+                f"{component}: {source.description} lacks {k!r} (expected shape {shape}); "
+                f"{len(missing)} of {len(expected)} expected tensors are missing. Check that the "
+                f"checkpoint holds this component and that its config matches the weights."
+            )
         found = tuple(source.shape(k))
         if found != tuple(shape):
             raise CheckpointMismatch(
@@ -66,6 +65,38 @@ def check_source(entries: list[ParamEntry], source: Source, rules: NameRules, co
             f"({len(unexpected)} such tensors). The checkpoint is for a different architecture "
             f"or config."
         )
+
+
+class _Prefixed:
+    """A source seen with ``prefix`` in front of every key."""
+
+    def __init__(self, source: Source, prefix: str):
+        self.source, self.prefix = source, prefix
+        self.description = source.description
+
+    def _strip(self, key: str) -> str | None:
+        return key[len(self.prefix) :] if key.startswith(self.prefix) else None
+
+    def keys(self) -> list[str]:
+        return [self.prefix + k for k in self.source.keys()]
+
+    def __contains__(self, key: str) -> bool:
+        k = self._strip(key)
+        return k is not None and k in self.source
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.source.shape(self._strip(key))
+
+    def read(self, key: str) -> np.ndarray:
+        return self.source.read(self._strip(key))
+
+
+def with_optional_prefix(source: Source, rules: NameRules) -> Source:
+    """``source`` itself, or seen with ``rules.optional_prefix`` if none of its keys has it."""
+    p = rules.optional_prefix
+    if not p or any(k.startswith(p) for k in source.keys()):
+        return source
+    return _Prefixed(source, p)
 
 
 def default_sharding(path: tuple, var: nnx.Variable) -> jax.sharding.Sharding:
@@ -86,6 +117,7 @@ def load_module(
     placed with ``sharding(path, var)`` (one device by default), one shard at a time.
     """
     sharding = sharding or default_sharding
+    source = with_optional_prefix(source, rules)
     entries = param_entries(abstract, rules)
     check_source(entries, source, rules, component)
     graphdef, state = nnx.split(abstract)

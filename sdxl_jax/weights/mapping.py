@@ -28,6 +28,9 @@ class NameRules:
     renames: tuple[tuple[str, str], ...] = ()
     # Reference keys that hold no parameters of ours (buffers such as position_ids).
     ignore_suffixes: tuple[str, ...] = ()
+    # A leading key prefix some writers leave out (transformers 5 saves CLIPTextModel without
+    # ``text_model.``): a source with no key carrying it is read as if every key did.
+    optional_prefix: str = ""
 
 
 @dataclass(frozen=True)

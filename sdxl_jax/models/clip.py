@@ -1,0 +1,330 @@
+"""The CLIP text encoders of SDXL (transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection``).
+
+Token + position embeddings -> pre-LayerNorm transformer layers with causal self-attention ->
+final LayerNorm. SDXL reads the penultimate layer's output of both encoders (no final norm) and,
+from OpenCLIP bigG, the final-normed state at the end token times ``text_projection``.
+The attribute tree mirrors ``CLIPTextModelWithProjection`` (``text_model.encoder.layers.{i}...``,
+``text_projection``), which is also the key layout of every ``CLIPTextModel`` checkpoint written
+before transformers 5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sdxl_jax.models import layers
+from sdxl_jax.weights.mapping import NameRules
+
+Dtype = Any
+ACTIVATIONS = ("quick_gelu", "gelu")
+ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+# transformers 5 saves CLIPTextModel without the ``text_model.`` prefix; older files have it, and
+# some carry the ``position_ids`` buffer.
+CLIP_RULES = NameRules(ignore_suffixes=("position_ids",), optional_prefix="text_model.")
+
+# transformers' CLIPTextConfig defaults: what it uses for keys a config.json omits.
+_TRANSFORMERS_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "projection_dim": 512,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "pad_token_id": 1,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+}
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"  # quick_gelu: x * sigmoid(1.702 x); gelu: exact erf form
+    layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None  # None: CLIPTextModel; int: CLIPTextModelWithProjection
+    # Pooled token (transformers' rule): eos_token_id == 2 is the legacy argmax of the ids (the
+    # end token has the highest id in CLIP's vocabulary); otherwise the first id == eos_token_id.
+    eos_token_id: int = 2
+    bos_token_id: int = 0
+    pad_token_id: int = 1
+    remat: bool = False  # recompute each layer's activations in the backward pass
+    attention_impl: str = "auto"  # see layers.attention
+
+    def __post_init__(self) -> None:
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"CLIPTextConfig hidden_act={self.hidden_act!r}: only {ACTIVATIONS} are implemented"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"CLIPTextConfig: hidden_size {self.hidden_size} does not split into "
+                f"{self.num_heads} heads; pick a head count that divides it"
+            )
+        if self.num_layers < 1:
+            raise ValueError(f"CLIPTextConfig: num_layers must be at least 1, got {self.num_layers}")
+        if self.attention_impl not in layers.ATTENTION_IMPLS:
+            raise ValueError(
+                f"CLIPTextConfig attention_impl={self.attention_impl!r}: use one of "
+                f"{layers.ATTENTION_IMPLS}"
+            )
+
+    @classmethod
+    def clip_l(cls) -> CLIPTextConfig:
+        """OpenAI CLIP ViT-L/14 text encoder (SDXL ``text_encoder``): 123,060,480 parameters."""
+        return cls()
+
+    @classmethod
+    def open_clip_bigg(cls) -> CLIPTextConfig:
+        """OpenCLIP ViT-bigG/14 text encoder + projection (``text_encoder_2``): 694,659,840."""
+        return cls(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_layers=32,
+            num_heads=20,
+            hidden_act="gelu",
+            projection_dim=1280,
+        )
+
+    @classmethod
+    def tiny(cls) -> CLIPTextConfig:
+        """CLIP-L flavour for tests: quick_gelu, no projection."""
+        return cls(
+            vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4
+        )
+
+    @classmethod
+    def tiny_bigg(cls) -> CLIPTextConfig:
+        """bigG flavour for tests: gelu, a projection to a different width (catches transposes)."""
+        return cls(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=256,
+            num_layers=3,
+            num_heads=4,
+            hidden_act="gelu",
+            projection_dim=48,
+        )
+
+    @classmethod
+    def from_reference(cls, d: dict[str, Any]) -> CLIPTextConfig:
+        """From a transformers ``config.json`` of a CLIPTextModel(WithProjection)."""
+        arch = d.get("architectures") or []
+        if len(arch) != 1 or arch[0] not in ARCHITECTURES:
+            raise ValueError(
+                f"text encoder config.json has architectures={arch or None}; sdxl_jax implements "
+                f"one of {ARCHITECTURES}. Set \"architectures\" to the class the weights were "
+                f"saved from."
+            )
+        model_type = d.get("model_type", "clip_text_model")
+        if model_type != "clip_text_model":
+            raise ValueError(
+                f"text encoder config.json has model_type={model_type!r}; expected "
+                f"'clip_text_model' (a full CLIP config? save its text tower on its own)"
+            )
+        d = {**_TRANSFORMERS_DEFAULTS, **d}
+        for key in ("attention_dropout", "dropout"):
+            if d[key]:
+                raise ValueError(
+                    f"text encoder config.json {key}={d[key]}: dropout is not implemented; set it "
+                    f"to 0.0"
+                )
+        eos = d["eos_token_id"]
+        if not isinstance(eos, int) or isinstance(eos, bool):
+            raise ValueError(
+                f"text encoder config.json eos_token_id={eos!r}: need a single integer (2 selects "
+                f"the legacy argmax pooling)"
+            )
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            max_position_embeddings=d["max_position_embeddings"],
+            hidden_act=d["hidden_act"],
+            layer_norm_eps=float(d["layer_norm_eps"]),
+            projection_dim=d["projection_dim"] if arch[0] == "CLIPTextModelWithProjection" else None,
+            eos_token_id=eos,
+            bos_token_id=d["bos_token_id"],
+            pad_token_id=d["pad_token_id"],
+        )
+
+    def to_reference(self) -> dict[str, Any]:
+        """A transformers ``config.json`` dict (``remat``/``attention_impl`` are ours only)."""
+        with_proj = self.projection_dim is not None
+        return {
+            "architectures": [ARCHITECTURES[with_proj]],
+            "model_type": "clip_text_model",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            # Unused without a projection; the SDXL CLIP-L config.json has hidden_size there too.
+            "projection_dim": self.projection_dim if with_proj else self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": self.hidden_act,
+            "layer_norm_eps": self.layer_norm_eps,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "initializer_factor": 1.0,
+            "eos_token_id": self.eos_token_id,
+            "bos_token_id": self.bos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class CLIPTextOutput:
+    hidden_states: jax.Array  # [L+1, B, T, D]: the embeddings, then each layer's output
+    last_hidden_state: jax.Array  # [B, T, D], final LayerNorm applied
+    pooled: jax.Array  # [B, D], last_hidden_state at the end token
+    text_embeds: jax.Array | None  # [B, P], pooled @ text_projection; None without one
+
+    @property
+    def penultimate(self) -> jax.Array:
+        """[B, T, D]: what SDXL conditions on (second to last layer, no final LayerNorm)."""
+        return self.hidden_states[-2]
+
+
+def _activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "quick_gelu":
+        return x * jax.nn.sigmoid(1.702 * x)
+    return jax.nn.gelu(x, approximate=False)
+
+
+class CLIPTextEmbeddings(nnx.Module):
+    def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        d = cfg.hidden_size
+        self.token_embedding = nnx.Embed(
+            cfg.vocab_size, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            embedding_metadata={"logical_axes": ("vocab", "embed")},
+        )  # fmt: skip
+        self.position_embedding = nnx.Embed(
+            cfg.max_position_embeddings, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            embedding_metadata={"logical_axes": (None, "embed")},
+        )  # fmt: skip
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        t = input_ids.shape[-1]
+        return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(t))[None]
+
+
+class CLIPAttention(nnx.Module):
+    def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        d = cfg.hidden_size
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.heads = cfg.num_heads
+        self.impl = cfg.attention_impl
+        self.q_proj = layers.linear(d, d, ("embed", "heads"), **kw)
+        self.k_proj = layers.linear(d, d, ("embed", "heads"), **kw)
+        self.v_proj = layers.linear(d, d, ("embed", "heads"), **kw)
+        self.out_proj = layers.linear(d, d, ("heads", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q = layers.split_heads(self.q_proj(x), self.heads)  # [B, T, N, H]
+        k = layers.split_heads(self.k_proj(x), self.heads)
+        v = layers.split_heads(self.v_proj(x), self.heads)
+        o = layers.attention(q, k, v, causal=True, implementation=self.impl)
+        return self.out_proj(layers.merge_heads(o))
+
+
+class CLIPMLP(nnx.Module):
+    def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.act = cfg.hidden_act
+        self.fc1 = layers.linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.fc2 = layers.linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(_activation(self.act, self.fc1(x)))
+
+
+class CLIPEncoderLayer(nnx.Module):
+    """Pre-LayerNorm residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.self_attn = CLIPAttention(cfg, **kw)
+        self.layer_norm1 = layers.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        self.mlp = CLIPMLP(cfg, **kw)
+        self.layer_norm2 = layers.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nnx.Module):
+    def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        self.layers = layers.stacked(
+            lambda r: CLIPEncoderLayer(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
+            cfg.num_layers,
+            rngs,
+        )
+
+
+class CLIPTextTransformer(nnx.Module):
+    def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.embeddings = CLIPTextEmbeddings(cfg, **kw)
+        self.encoder = CLIPEncoder(cfg, **kw)
+        self.final_layer_norm = layers.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+
+
+class CLIPTextModel(nnx.Module):
+    """CLIP text encoder; with ``config.projection_dim`` set, also the pooled projection."""
+
+    def __init__(
+        self,
+        config: CLIPTextConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        self.config = config
+        self.text_model = CLIPTextTransformer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        if config.projection_dim is not None:
+            self.text_projection = layers.linear(
+                config.hidden_size, config.projection_dim, ("embed", "proj"),
+                rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=False,
+            )  # fmt: skip
+
+    def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
+        """input_ids [B, T] int, T <= max_position_embeddings."""
+        cfg = self.config
+        if input_ids.ndim != 2 or input_ids.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(
+                f"CLIP text encoder takes input_ids [B, T] with T <= "
+                f"{cfg.max_position_embeddings}, got shape {tuple(input_ids.shape)}"
+            )
+        tm = self.text_model
+        h0 = tm.embeddings(input_ids)  # [B, T, D]
+        h, per_layer = layers.scan_apply(tm.encoder.layers, h0, remat=cfg.remat, collect=True)
+        hidden_states = jnp.concatenate([h0[None], per_layer], axis=0)  # [L+1, B, T, D]
+        last = tm.final_layer_norm(h)
+        if cfg.eos_token_id == 2:
+            eos_pos = jnp.argmax(input_ids, axis=-1)
+        else:
+            eos_pos = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)  # first match
+        pooled = jnp.take_along_axis(last, eos_pos[:, None, None], axis=1)[:, 0]  # [B, D]
+        text_embeds = self.text_projection(pooled) if cfg.projection_dim is not None else None
+        return CLIPTextOutput(hidden_states, last, pooled, text_embeds)

@@ -1,0 +1,609 @@
+"""The SDXL UNet (base and refiner) as one Flax NNX module for every size.
+
+Mirrors diffusers' ``UNet2DConditionModel`` with ``addition_embed_type="text_time"`` and linear
+transformer projections: attribute names follow its module tree (``down_blocks[i].attentions[j]
+.transformer_blocks.attn1.to_q``) so weight conversion is a short rule table. Each level's
+transformer blocks are one stacked module run under ``nnx.scan``. Images are NHWC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sdxl_jax.models import layers
+from sdxl_jax.weights.mapping import NameRules
+
+Dtype = Any
+
+UNET_RULES = NameRules(
+    renames=(("to_out", "to_out.0"), ("ff.proj", "ff.net.0.proj"), ("ff.out", "ff.net.2")),
+)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """UNet hyperparameters. ``transformer_depth[i] == 0`` means level ``i`` has no attention."""
+
+    block_out_channels: tuple[int, ...] = (320, 640, 1280)
+    layers_per_block: int = 2
+    transformer_depth: tuple[int, ...] = (0, 2, 10)
+    mid_transformer_depth: int = 10
+    num_heads: tuple[int, ...] = (5, 10, 20)  # per level; the mid block uses the last
+    cross_attention_dim: int = 2048
+    in_channels: int = 4
+    out_channels: int = 4
+    # "text_time": pooled text (dim = projection_dim - n * addition_time_embed_dim) plus
+    # sinusoidal embeddings of the n micro-conditioning numbers, added to the time embedding.
+    addition_embed_type: str | None = "text_time"
+    addition_time_embed_dim: int = 256
+    projection_class_embeddings_input_dim: int = 2816
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    sample_size: int = 128
+    remat: bool = False
+    attention_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        n = len(self.block_out_channels)
+        if len(self.transformer_depth) != n or len(self.num_heads) != n:
+            raise ValueError(
+                f"UNetConfig: block_out_channels, transformer_depth and num_heads need one entry "
+                f"per level ({n}); got {len(self.transformer_depth)} and {len(self.num_heads)}"
+            )
+        for c, h in zip(self.block_out_channels, self.num_heads):
+            if c % h:
+                raise ValueError(f"UNetConfig: {c} channels do not split into {h} heads")
+            if c % self.norm_num_groups:
+                raise ValueError(f"UNetConfig: {c} channels do not split into {self.norm_num_groups} groups")
+        if self.mid_transformer_depth < 1:
+            raise ValueError("UNetConfig: the mid block needs at least one transformer block")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"UNetConfig: addition_embed_type {self.addition_embed_type!r} unsupported")
+        if self.attention_impl not in layers.ATTENTION_IMPLS:
+            raise ValueError(f"UNetConfig: attention_impl must be one of {layers.ATTENTION_IMPLS}")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.block_out_channels[0] * 4
+
+    # -- presets ---------------------------------------------------------------------------
+    @classmethod
+    def sdxl_base(cls, **kw: Any) -> UNetConfig:
+        return cls(**kw)
+
+    @classmethod
+    def sdxl_refiner(cls, **kw: Any) -> UNetConfig:
+        return cls(
+            **{
+                **dict(
+                    block_out_channels=(384, 768, 1536, 1536),
+                    transformer_depth=(0, 4, 4, 0),
+                    mid_transformer_depth=4,
+                    num_heads=(6, 12, 24, 24),
+                    cross_attention_dim=1280,
+                    projection_class_embeddings_input_dim=2560,
+                ),
+                **kw,
+            }
+        )
+
+    @classmethod
+    def tiny(cls, **kw: Any) -> UNetConfig:
+        """A small SDXL-shaped UNet for tests and CPU runs (3 levels, no attention at level 0)."""
+        return cls(
+            **{
+                **dict(
+                    block_out_channels=(32, 64, 64),
+                    layers_per_block=1,
+                    transformer_depth=(0, 1, 2),
+                    mid_transformer_depth=2,
+                    num_heads=(2, 2, 4),
+                    cross_attention_dim=48,
+                    addition_time_embed_dim=8,
+                    projection_class_embeddings_input_dim=32 + 6 * 8,
+                    norm_num_groups=8,
+                    sample_size=16,
+                ),
+                **kw,
+            }
+        )
+
+    # -- diffusers config.json ---------------------------------------------------------------
+    @classmethod
+    def from_reference(cls, d: dict[str, Any]) -> UNetConfig:
+        """Build from a diffusers ``UNet2DConditionModel`` config.json; refuse what we lack."""
+
+        def need(key: str, ok: Any, default: Any) -> None:
+            value = d.get(key, default)
+            allowed = ok if isinstance(ok, tuple) else (ok,)
+            if value not in allowed:
+                raise ValueError(
+                    f"unet/config.json: {key}={value!r} is not supported (supported: {allowed})"
+                )
+
+        need("act_fn", "silu", "silu")
+        need("time_embedding_type", "positional", "positional")
+        need("class_embed_type", None, None)
+        need("num_class_embeds", None, None)
+        need("encoder_hid_dim", None, None)
+        need("resnet_time_scale_shift", "default", "default")
+        need("center_input_sample", False, False)
+        need("use_linear_projection", True, False)
+        need("dual_cross_attention", False, False)
+        need("only_cross_attention", (False,), False)
+        need("time_cond_proj_dim", None, None)
+        need("timestep_post_act", None, None)
+        need("time_embedding_dim", None, None)
+        need("conv_in_kernel", 3, 3)
+        need("conv_out_kernel", 3, 3)
+        need("mid_block_type", "UNetMidBlock2DCrossAttn", "UNetMidBlock2DCrossAttn")
+        need("attention_type", "default", "default")
+        need("class_embeddings_concat", False, False)
+        need("cross_attention_norm", None, None)
+        need("reverse_transformer_layers_per_block", None, None)
+        need("mid_block_scale_factor", (1, 1.0), 1)
+        need("addition_embed_type", (None, "text_time"), None)
+        down = list(d["down_block_types"])
+        n = len(down)
+        has_attn = []
+        for t in down:
+            if t not in ("CrossAttnDownBlock2D", "DownBlock2D"):
+                raise ValueError(f"unet/config.json: down block {t!r} is not supported")
+            has_attn.append(t == "CrossAttnDownBlock2D")
+        expect_up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)]
+        if list(d["up_block_types"]) != expect_up:
+            raise ValueError(
+                f"unet/config.json: up_block_types {d['up_block_types']} must mirror the down "
+                f"blocks ({expect_up})"
+            )
+
+        def per_level(key: str, default: Any) -> list[Any]:
+            v = d.get(key, default)
+            v = [v] * n if isinstance(v, int) or v is None else list(v)
+            if len(v) != n:
+                raise ValueError(f"unet/config.json: {key} needs {n} entries, got {v}")
+            return v
+
+        lpb = per_level("layers_per_block", 2)
+        if len(set(lpb)) != 1:
+            raise ValueError(f"unet/config.json: per-level layers_per_block {lpb} is not supported")
+        tlpb = per_level("transformer_layers_per_block", 1)
+        if any(not isinstance(x, int) for x in tlpb):
+            raise ValueError("unet/config.json: nested transformer_layers_per_block is not supported")
+        heads = per_level(
+            "num_attention_heads" if d.get("num_attention_heads") else "attention_head_dim", 8
+        )
+        ctx = d.get("cross_attention_dim", 1280)
+        if not isinstance(ctx, int):
+            if len(set(ctx)) != 1:
+                raise ValueError(f"unet/config.json: per-level cross_attention_dim {ctx} unsupported")
+            ctx = ctx[0]
+        return cls(
+            block_out_channels=tuple(d["block_out_channels"]),
+            layers_per_block=lpb[0],
+            transformer_depth=tuple(t if a else 0 for t, a in zip(tlpb, has_attn)),
+            mid_transformer_depth=tlpb[-1],
+            num_heads=tuple(heads),
+            cross_attention_dim=ctx,
+            in_channels=d.get("in_channels", 4),
+            out_channels=d.get("out_channels", 4),
+            addition_embed_type=d.get("addition_embed_type"),
+            addition_time_embed_dim=d.get("addition_time_embed_dim") or 256,
+            projection_class_embeddings_input_dim=d.get("projection_class_embeddings_input_dim")
+            or 0,
+            norm_num_groups=d.get("norm_num_groups", 32),
+            norm_eps=d.get("norm_eps", 1e-5),
+            flip_sin_to_cos=d.get("flip_sin_to_cos", True),
+            freq_shift=d.get("freq_shift", 0),
+            sample_size=d.get("sample_size") or 128,
+        )
+
+    def to_reference(self) -> dict[str, Any]:
+        """A diffusers ``UNet2DConditionModel`` config.json for this UNet."""
+        depth = list(self.transformer_depth)
+        if depth[-1] and depth[-1] != self.mid_transformer_depth:
+            raise ValueError(
+                "diffusers ties the mid block's depth to the last level's; this UNet "
+                f"(last level {depth[-1]}, mid {self.mid_transformer_depth}) has no diffusers form"
+            )
+        # Attention-free levels still need an entry; the last one also sets the mid block.
+        tlpb = [t or 1 for t in depth[:-1]] + [self.mid_transformer_depth]
+        has_attn = [t > 0 for t in depth]
+        return {
+            "_class_name": "UNet2DConditionModel",
+            "_diffusers_version": "0.42.1",
+            "act_fn": "silu",
+            "addition_embed_type": self.addition_embed_type,
+            "addition_embed_type_num_heads": 64,
+            "addition_time_embed_dim": self.addition_time_embed_dim
+            if self.addition_embed_type
+            else None,
+            "attention_head_dim": list(self.num_heads),
+            "block_out_channels": list(self.block_out_channels),
+            "center_input_sample": False,
+            "class_embed_type": None,
+            "class_embeddings_concat": False,
+            "conv_in_kernel": 3,
+            "conv_out_kernel": 3,
+            "cross_attention_dim": self.cross_attention_dim,
+            "cross_attention_norm": None,
+            "down_block_types": [
+                "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn
+            ],
+            "downsample_padding": 1,
+            "dual_cross_attention": False,
+            "encoder_hid_dim": None,
+            "encoder_hid_dim_type": None,
+            "flip_sin_to_cos": self.flip_sin_to_cos,
+            "freq_shift": self.freq_shift,
+            "in_channels": self.in_channels,
+            "layers_per_block": self.layers_per_block,
+            "mid_block_only_cross_attention": None,
+            "mid_block_scale_factor": 1,
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "norm_eps": self.norm_eps,
+            "norm_num_groups": self.norm_num_groups,
+            "num_attention_heads": None,
+            "num_class_embeds": None,
+            "only_cross_attention": False,
+            "out_channels": self.out_channels,
+            "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim
+            if self.addition_embed_type
+            else None,
+            "resnet_out_scale_factor": 1.0,
+            "resnet_skip_time_act": False,
+            "resnet_time_scale_shift": "default",
+            "reverse_transformer_layers_per_block": None,
+            "sample_size": self.sample_size,
+            "time_cond_proj_dim": None,
+            "time_embedding_act_fn": None,
+            "time_embedding_dim": None,
+            "time_embedding_type": "positional",
+            "timestep_post_act": None,
+            "transformer_layers_per_block": tlpb,
+            "up_block_types": [
+                "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)
+            ],
+            "upcast_attention": False,
+            "use_linear_projection": True,
+        }
+
+    def replace(self, **kw: Any) -> UNetConfig:
+        return dataclasses.replace(self, **kw)
+
+
+# -- blocks ------------------------------------------------------------------------------------
+
+
+class TimestepEmbedding(nnx.Module):
+    """Linear -> SiLU -> Linear."""
+
+    def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.linear_1 = layers.linear(din, dout, (None, "embed"), **kw)
+        self.linear_2 = layers.linear(dout, dout, ("embed", None), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nnx.Module):
+    """GroupNorm-SiLU-conv, plus the projected time embedding, GroupNorm-SiLU-conv, residual."""
+
+    def __init__(
+        self, cin: int, cout: int, temb: int, groups: int, eps: float, *,
+        rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+    ):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = layers.group_norm(cin, groups, eps, **kw)
+        self.conv1 = layers.conv(cin, cout, 3, **kw)
+        self.time_emb_proj = layers.linear(temb, cout, (None, "conv_out"), **kw)
+        self.norm2 = layers.group_norm(cout, groups, eps, **kw)
+        self.conv2 = layers.conv(cout, cout, 3, **kw)
+        self.conv_shortcut = layers.conv(cin, cout, 1, **kw) if cin != cout else None
+
+    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:  # x [B, H, W, C]
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nnx.Module):
+    """Multi-head attention: q/k/v without bias, output projection with bias."""
+
+    def __init__(
+        self, dim: int, heads: int, context_dim: int | None, impl: str, *,
+        rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+    ):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        ctx = context_dim or dim
+        self.heads = heads
+        self.impl = impl
+        self.to_q = layers.linear(dim, dim, ("embed", "heads"), use_bias=False, **kw)
+        self.to_k = layers.linear(ctx, dim, ("embed", "heads"), use_bias=False, **kw)
+        self.to_v = layers.linear(ctx, dim, ("embed", "heads"), use_bias=False, **kw)
+        self.to_out = layers.linear(dim, dim, ("heads", "embed"), **kw)
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        context = x if context is None else context
+        q = layers.split_heads(self.to_q(x), self.heads)
+        k = layers.split_heads(self.to_k(context), self.heads)
+        v = layers.split_heads(self.to_v(context), self.heads)
+        return self.to_out(layers.merge_heads(layers.attention(q, k, v, implementation=self.impl)))
+
+
+class FeedForward(nnx.Module):
+    """GEGLU feed-forward: d -> 2 x 4d (value, gate) -> value * gelu(gate) -> d."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.proj = layers.linear(dim, dim * 8, ("embed", "mlp"), **kw)
+        self.out = layers.linear(dim * 4, dim, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return self.out(h * jax.nn.gelu(gate, approximate=False))
+
+
+class BasicTransformerBlock(nnx.Module):
+    """Pre-LN self-attention, cross-attention and GEGLU feed-forward, each residual."""
+
+    def __init__(
+        self, dim: int, heads: int, context_dim: int, impl: str, *,
+        rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+    ):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = layers.layer_norm(dim, 1e-5, **kw)
+        self.attn1 = Attention(dim, heads, None, impl, **kw)
+        self.norm2 = layers.layer_norm(dim, 1e-5, **kw)
+        self.attn2 = Attention(dim, heads, context_dim, impl, **kw)
+        self.norm3 = layers.layer_norm(dim, 1e-5, **kw)
+        self.ff = FeedForward(dim, **kw)
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:  # x [B, T, D]
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nnx.Module):
+    """GroupNorm -> linear proj_in -> scanned transformer blocks -> proj_out, residual."""
+
+    def __init__(
+        self, dim: int, heads: int, depth: int, cfg: UNetConfig, *,
+        rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+    ):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.remat = cfg.remat
+        self.norm = layers.group_norm(dim, cfg.norm_num_groups, 1e-6, **kw)
+        self.proj_in = layers.linear(dim, dim, ("embed", "mlp"), **kw)
+        self.transformer_blocks = layers.stacked(
+            lambda r: BasicTransformerBlock(
+                dim, heads, cfg.cross_attention_dim, cfg.attention_impl,
+                rngs=r, dtype=dtype, param_dtype=param_dtype,
+            ),
+            depth,
+            rngs,
+        )
+        self.proj_out = layers.linear(dim, dim, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:  # x [B, H, W, C]
+        b, h, w, c = x.shape
+        y = self.proj_in(self.norm(x).reshape(b, h * w, c))
+        y = layers.scan_apply(self.transformer_blocks, y, context, remat=self.remat)
+        return x + self.proj_out(y).reshape(b, h, w, c)
+
+
+class Downsample2D(nnx.Module):
+    def __init__(self, ch: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        self.conv = layers.conv(ch, ch, 3, stride=2, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+    def __init__(self, ch: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        self.conv = layers.conv(ch, ch, 3, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour 2x
+        return self.conv(x)
+
+
+class DownBlock(nnx.Module):
+    """One encoder level: ResNet blocks (each followed by a transformer if depth > 0), then an
+    optional stride-2 downsampler. diffusers: DownBlock2D / CrossAttnDownBlock2D."""
+
+    def __init__(
+        self, cin: int, cout: int, level: int, add_downsample: bool, cfg: UNetConfig, *,
+        rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+    ):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
+        n = cfg.layers_per_block
+        self.resnets = nnx.List(
+            [ResnetBlock2D(cin if j == 0 else cout, cout, temb, g, eps, **kw) for j in range(n)]
+        )
+        depth = cfg.transformer_depth[level]
+        self.attentions = (
+            nnx.List(
+                [
+                    Transformer2DModel(cout, cfg.num_heads[level], depth, cfg, **kw)
+                    for _ in range(n)
+                ]
+            )
+            if depth
+            else None
+        )
+        self.downsamplers = nnx.List([Downsample2D(cout, **kw)]) if add_downsample else None
+
+    def __call__(
+        self, x: jax.Array, temb: jax.Array, context: jax.Array
+    ) -> tuple[jax.Array, list[jax.Array]]:
+        skips = []
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[j](x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nnx.Module):
+    """One decoder level: ResNet blocks over [x, skip] (each followed by a transformer if
+    depth > 0), then an optional upsampler. diffusers: UpBlock2D / CrossAttnUpBlock2D."""
+
+    def __init__(
+        self, cin: int, cprev: int, cout: int, level: int, add_upsample: bool, cfg: UNetConfig,
+        *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+    ):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
+        n = cfg.layers_per_block + 1
+        resnets = []
+        for j in range(n):
+            skip = cin if j == n - 1 else cout
+            x_in = cprev if j == 0 else cout
+            resnets.append(ResnetBlock2D(x_in + skip, cout, temb, g, eps, **kw))
+        self.resnets = nnx.List(resnets)
+        depth = cfg.transformer_depth[level]
+        self.attentions = (
+            nnx.List(
+                [
+                    Transformer2DModel(cout, cfg.num_heads[level], depth, cfg, **kw)
+                    for _ in range(n)
+                ]
+            )
+            if depth
+            else None
+        )
+        self.upsamplers = nnx.List([Upsample2D(cout, **kw)]) if add_upsample else None
+
+    def __call__(
+        self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array
+    ) -> jax.Array:
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
+            if self.attentions is not None:
+                x = self.attentions[j](x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class MidBlock(nnx.Module):
+    """ResNet -> transformer -> ResNet at the lowest resolution (UNetMidBlock2DCrossAttn)."""
+
+    def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        c = cfg.block_out_channels[-1]
+        g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
+        self.resnets = nnx.List([ResnetBlock2D(c, c, temb, g, eps, **kw) for _ in range(2)])
+        self.attentions = nnx.List(
+            [Transformer2DModel(c, cfg.num_heads[-1], cfg.mid_transformer_depth, cfg, **kw)]
+        )
+
+    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, temb)
+
+
+class UNet2DConditionModel(nnx.Module):
+    """The SDXL UNet: noise prediction from (latents, timestep, text context, vector conditioning)."""
+
+    def __init__(
+        self,
+        config: UNetConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        cfg = self.config = config
+        self.dtype = dtype
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        chans = cfg.block_out_channels
+        n = len(chans)
+        self.conv_in = layers.conv(cfg.in_channels, chans[0], 3, **kw)
+        self.time_embedding = TimestepEmbedding(chans[0], cfg.time_embed_dim, **kw)
+        self.add_embedding = (
+            TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim, **kw)
+            if cfg.addition_embed_type == "text_time"
+            else None
+        )
+        self.down_blocks = nnx.List(
+            [
+                DownBlock(chans[max(i - 1, 0)], chans[i], i, i < n - 1, cfg, **kw)
+                for i in range(n)
+            ]
+        )
+        self.mid_block = MidBlock(cfg, **kw)
+        ups = []
+        for i in range(n):
+            level = n - 1 - i
+            cprev = chans[min(level + 1, n - 1)]
+            cin = chans[max(level - 1, 0)]
+            ups.append(UpBlock(cin, cprev, chans[level], level, i < n - 1, cfg, **kw))
+        self.up_blocks = nnx.List(ups)
+        self.conv_norm_out = layers.group_norm(chans[0], cfg.norm_num_groups, cfg.norm_eps, **kw)
+        self.conv_out = layers.conv(chans[0], cfg.out_channels, 3, **kw)
+
+    def __call__(
+        self,
+        sample: jax.Array,  # [B, H, W, C_in] latents
+        timesteps: jax.Array,  # [B] or scalar, discrete (or fractional) noise levels
+        encoder_hidden_states: jax.Array,  # [B, T, context]
+        text_embeds: jax.Array | None = None,  # [B, pooled]
+        time_ids: jax.Array | None = None,  # [B, n] sizes / crop / (target or aesthetic)
+    ) -> jax.Array:
+        cfg = self.config
+        b = sample.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (b,))
+        t_emb = layers.timestep_embedding(
+            t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+            freq_shift=cfg.freq_shift,
+        )
+        emb = self.time_embedding(t_emb.astype(self.dtype))
+        if self.add_embedding is not None:
+            if text_embeds is None or time_ids is None:
+                raise ValueError("this UNet needs text_embeds (pooled) and time_ids (micro-conditioning)")
+            ids = layers.timestep_embedding(
+                time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift,
+            ).reshape(b, -1)
+            vec = jnp.concatenate([text_embeds.astype(jnp.float32), ids], axis=-1)
+            if vec.shape[-1] != cfg.projection_class_embeddings_input_dim:
+                raise ValueError(
+                    f"pooled ({text_embeds.shape[-1]}) + {time_ids.shape[-1]} time ids x "
+                    f"{cfg.addition_time_embed_dim} = {vec.shape[-1]}, but the UNet expects "
+                    f"{cfg.projection_class_embeddings_input_dim}"
+                )
+            emb = emb + self.add_embedding(vec.astype(self.dtype))
+        context = encoder_hidden_states.astype(self.dtype)
+
+        x = self.conv_in(sample.astype(self.dtype))
+        skips = [x]
+        for block in self.down_blocks:
+            x, s = block(x, emb, context)
+            skips.extend(s)
+        x = self.mid_block(x, emb, context)
+        for block in self.up_blocks:
+            x = block(x, skips, emb, context)
+        x = jax.nn.silu(self.conv_norm_out(x))
+        return self.conv_out(x)
