@@ -62,11 +62,15 @@ class UNetConfig:
             if c % h:
                 raise ValueError(f"UNetConfig: {c} channels do not split into {h} heads")
             if c % self.norm_num_groups:
-                raise ValueError(f"UNetConfig: {c} channels do not split into {self.norm_num_groups} groups")
+                raise ValueError(
+                    f"UNetConfig: {c} channels do not split into {self.norm_num_groups} groups"
+                )
         if self.mid_transformer_depth < 1:
             raise ValueError("UNetConfig: the mid block needs at least one transformer block")
         if self.addition_embed_type not in (None, "text_time"):
-            raise ValueError(f"UNetConfig: addition_embed_type {self.addition_embed_type!r} unsupported")
+            raise ValueError(
+                f"UNetConfig: addition_embed_type {self.addition_embed_type!r} unsupported"
+            )
         if self.attention_impl not in layers.ATTENTION_IMPLS:
             raise ValueError(f"UNetConfig: attention_impl must be one of {layers.ATTENTION_IMPLS}")
 
@@ -177,14 +181,18 @@ class UNetConfig:
             raise ValueError(f"unet/config.json: per-level layers_per_block {lpb} is not supported")
         tlpb = per_level("transformer_layers_per_block", 1)
         if any(not isinstance(x, int) for x in tlpb):
-            raise ValueError("unet/config.json: nested transformer_layers_per_block is not supported")
+            raise ValueError(
+                "unet/config.json: nested transformer_layers_per_block is not supported"
+            )
         heads = per_level(
             "num_attention_heads" if d.get("num_attention_heads") else "attention_head_dim", 8
         )
         ctx = d.get("cross_attention_dim", 1280)
         if not isinstance(ctx, int):
             if len(set(ctx)) != 1:
-                raise ValueError(f"unet/config.json: per-level cross_attention_dim {ctx} unsupported")
+                raise ValueError(
+                    f"unet/config.json: per-level cross_attention_dim {ctx} unsupported"
+                )
             ctx = ctx[0]
         return cls(
             block_out_channels=tuple(d["block_out_channels"]),
@@ -235,9 +243,7 @@ class UNetConfig:
             "conv_out_kernel": 3,
             "cross_attention_dim": self.cross_attention_dim,
             "cross_attention_norm": None,
-            "down_block_types": [
-                "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn
-            ],
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn],
             "downsample_padding": 1,
             "dual_cross_attention": False,
             "encoder_hid_dim": None,
@@ -299,8 +305,16 @@ class ResnetBlock2D(nnx.Module):
     """GroupNorm-SiLU-conv, plus the projected time embedding, GroupNorm-SiLU-conv, residual."""
 
     def __init__(
-        self, cin: int, cout: int, temb: int, groups: int, eps: float, *,
-        rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+        self,
+        cin: int,
+        cout: int,
+        temb: int,
+        groups: int,
+        eps: float,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype,
+        param_dtype: Dtype,
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm1 = layers.group_norm(cin, groups, eps, **kw)
@@ -323,8 +337,15 @@ class Attention(nnx.Module):
     """Multi-head attention: q/k/v without bias, output projection with bias."""
 
     def __init__(
-        self, dim: int, heads: int, context_dim: int | None, impl: str, *,
-        rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+        self,
+        dim: int,
+        heads: int,
+        context_dim: int | None,
+        impl: str,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype,
+        param_dtype: Dtype,
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         ctx = context_dim or dim
@@ -360,8 +381,15 @@ class BasicTransformerBlock(nnx.Module):
     """Pre-LN self-attention, cross-attention and GEGLU feed-forward, each residual."""
 
     def __init__(
-        self, dim: int, heads: int, context_dim: int, impl: str, *,
-        rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+        self,
+        dim: int,
+        heads: int,
+        context_dim: int,
+        impl: str,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype,
+        param_dtype: Dtype,
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm1 = layers.layer_norm(dim, 1e-5, **kw)
@@ -381,8 +409,15 @@ class Transformer2DModel(nnx.Module):
     """GroupNorm -> linear proj_in -> scanned transformer blocks -> proj_out, residual."""
 
     def __init__(
-        self, dim: int, heads: int, depth: int, cfg: UNetConfig, *,
-        rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+        self,
+        dim: int,
+        heads: int,
+        depth: int,
+        cfg: UNetConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype,
+        param_dtype: Dtype,
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.remat = cfg.remat
@@ -390,8 +425,13 @@ class Transformer2DModel(nnx.Module):
         self.proj_in = layers.linear(dim, dim, ("embed", "mlp"), **kw)
         self.transformer_blocks = layers.stacked(
             lambda r: BasicTransformerBlock(
-                dim, heads, cfg.cross_attention_dim, cfg.attention_impl,
-                rngs=r, dtype=dtype, param_dtype=param_dtype,
+                dim,
+                heads,
+                cfg.cross_attention_dim,
+                cfg.attention_impl,
+                rngs=r,
+                dtype=dtype,
+                param_dtype=param_dtype,
             ),
             depth,
             rngs,
@@ -407,7 +447,9 @@ class Transformer2DModel(nnx.Module):
 
 class Downsample2D(nnx.Module):
     def __init__(self, ch: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
-        self.conv = layers.conv(ch, ch, 3, stride=2, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.conv = layers.conv(
+            ch, ch, 3, stride=2, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(x)
@@ -427,8 +469,16 @@ class DownBlock(nnx.Module):
     optional stride-2 downsampler. diffusers: DownBlock2D / CrossAttnDownBlock2D."""
 
     def __init__(
-        self, cin: int, cout: int, level: int, add_downsample: bool, cfg: UNetConfig, *,
-        rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+        self,
+        cin: int,
+        cout: int,
+        level: int,
+        add_downsample: bool,
+        cfg: UNetConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype,
+        param_dtype: Dtype,
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
@@ -439,10 +489,7 @@ class DownBlock(nnx.Module):
         depth = cfg.transformer_depth[level]
         self.attentions = (
             nnx.List(
-                [
-                    Transformer2DModel(cout, cfg.num_heads[level], depth, cfg, **kw)
-                    for _ in range(n)
-                ]
+                [Transformer2DModel(cout, cfg.num_heads[level], depth, cfg, **kw) for _ in range(n)]
             )
             if depth
             else None
@@ -469,8 +516,17 @@ class UpBlock(nnx.Module):
     depth > 0), then an optional upsampler. diffusers: UpBlock2D / CrossAttnUpBlock2D."""
 
     def __init__(
-        self, cin: int, cprev: int, cout: int, level: int, add_upsample: bool, cfg: UNetConfig,
-        *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
+        self,
+        cin: int,
+        cprev: int,
+        cout: int,
+        level: int,
+        add_upsample: bool,
+        cfg: UNetConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype,
+        param_dtype: Dtype,
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
@@ -484,10 +540,7 @@ class UpBlock(nnx.Module):
         depth = cfg.transformer_depth[level]
         self.attentions = (
             nnx.List(
-                [
-                    Transformer2DModel(cout, cfg.num_heads[level], depth, cfg, **kw)
-                    for _ in range(n)
-                ]
+                [Transformer2DModel(cout, cfg.num_heads[level], depth, cfg, **kw) for _ in range(n)]
             )
             if depth
             else None
@@ -548,10 +601,7 @@ class UNet2DConditionModel(nnx.Module):
             else None
         )
         self.down_blocks = nnx.List(
-            [
-                DownBlock(chans[max(i - 1, 0)], chans[i], i, i < n - 1, cfg, **kw)
-                for i in range(n)
-            ]
+            [DownBlock(chans[max(i - 1, 0)], chans[i], i, i < n - 1, cfg, **kw) for i in range(n)]
         )
         self.mid_block = MidBlock(cfg, **kw)
         ups = []
@@ -576,16 +626,22 @@ class UNet2DConditionModel(nnx.Module):
         b = sample.shape[0]
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (b,))
         t_emb = layers.timestep_embedding(
-            t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+            t,
+            cfg.block_out_channels[0],
+            flip_sin_to_cos=cfg.flip_sin_to_cos,
             freq_shift=cfg.freq_shift,
         )
         emb = self.time_embedding(t_emb.astype(self.dtype))
         if self.add_embedding is not None:
             if text_embeds is None or time_ids is None:
-                raise ValueError("this UNet needs text_embeds (pooled) and time_ids (micro-conditioning)")
+                raise ValueError(
+                    "this UNet needs text_embeds (pooled) and time_ids (micro-conditioning)"
+                )
             ids = layers.timestep_embedding(
-                time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift,
+                time_ids.reshape(-1),
+                cfg.addition_time_embed_dim,
+                flip_sin_to_cos=cfg.flip_sin_to_cos,
+                freq_shift=cfg.freq_shift,
             ).reshape(b, -1)
             vec = jnp.concatenate([text_embeds.astype(jnp.float32), ids], axis=-1)
             if vec.shape[-1] != cfg.projection_class_embeddings_input_dim:

@@ -51,19 +51,35 @@ class Component:
 
 COMPONENTS: dict[str, Component] = {
     "unet": Component(
-        "unet", "sdxl_jax.models.unet", "UNetConfig", "UNet2DConditionModel", "UNET_RULES",
+        "unet",
+        "sdxl_jax.models.unet",
+        "UNetConfig",
+        "UNet2DConditionModel",
+        "UNET_RULES",
         "diffusion_pytorch_model",
     ),
     "vae": Component(
-        "vae", "sdxl_jax.models.vae", "VAEConfig", "AutoencoderKL", "VAE_RULES",
+        "vae",
+        "sdxl_jax.models.vae",
+        "VAEConfig",
+        "AutoencoderKL",
+        "VAE_RULES",
         "diffusion_pytorch_model",
     ),
     "text_encoder": Component(
-        "text_encoder", "sdxl_jax.models.clip", "CLIPTextConfig", "CLIPTextModel", "CLIP_RULES",
+        "text_encoder",
+        "sdxl_jax.models.clip",
+        "CLIPTextConfig",
+        "CLIPTextModel",
+        "CLIP_RULES",
         "model",
     ),
     "text_encoder_2": Component(
-        "text_encoder_2", "sdxl_jax.models.clip", "CLIPTextConfig", "CLIPTextModel",
-        "CLIP_RULES", "model",
+        "text_encoder_2",
+        "sdxl_jax.models.clip",
+        "CLIPTextConfig",
+        "CLIPTextModel",
+        "CLIP_RULES",
+        "model",
     ),
 }

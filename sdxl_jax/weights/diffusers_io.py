@@ -22,7 +22,7 @@ def refuse_pickle(path: Path) -> None:
     raise ValueError(
         f"{path} is a pickle checkpoint. Loading pickles can run arbitrary code, so sdxl_jax "
         f"refuses them. Convert it once, in an environment you trust, to safetensors: "
-        f"`python -c \"import torch, safetensors.torch as st; "
+        f'`python -c "import torch, safetensors.torch as st; '
         f"sd = torch.load('{path.name}', map_location='cpu', weights_only=True); "
         f"sd = sd.get('state_dict', sd); st.save_file({{k: v.contiguous() for k, v in sd.items() "
         f"if hasattr(v, 'contiguous')}}, '{path.stem}.safetensors')\"`."
@@ -33,7 +33,11 @@ def find_weights(folder: Path, stem: str, variant: str | None = None) -> TensorS
     """The safetensors (or sharded index) of one component folder; a variant like ``fp16``
     is used when asked for, or when it is the only one there."""
     names = [f"{stem}.safetensors.index.json", f"{stem}.safetensors"]
-    variants = [f"{stem}.{variant}.safetensors.index.json", f"{stem}.{variant}.safetensors"] if variant else []
+    variants = (
+        [f"{stem}.{variant}.safetensors.index.json", f"{stem}.{variant}.safetensors"]
+        if variant
+        else []
+    )
     for name in variants or names:
         if (folder / name).exists():
             return TensorSource.open(folder / name)
@@ -43,7 +47,9 @@ def find_weights(folder: Path, stem: str, variant: str | None = None) -> TensorS
         if found:
             index = [p for p in found if p.name.endswith(".index.json")]
             return TensorSource.open(index[0] if index else found[0])
-    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES] if folder.is_dir() else []
+    pickles = (
+        [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES] if folder.is_dir() else []
+    )
     if pickles:
         refuse_pickle(pickles[0])
     want = variants or names

@@ -34,7 +34,9 @@ class CheckpointMismatch(ValueError):
     """A checkpoint does not fit the model it is loaded into."""
 
 
-def check_source(entries: list[ParamEntry], source: Source, rules: NameRules, component: str) -> None:
+def check_source(
+    entries: list[ParamEntry], source: Source, rules: NameRules, component: str
+) -> None:
     """Fail on the first missing, unexpected or wrongly shaped tensor, before reading any data."""
     expected = {}
     for e in entries:
@@ -56,7 +58,9 @@ def check_source(entries: list[ParamEntry], source: Source, rules: NameRules, co
                 f"(a refiner given as base, or a config.json that does not match its weights?)."
             )
     unexpected = [
-        k for k in source.keys() if k not in expected and not k.endswith(rules.ignore_suffixes or ("\0",))
+        k
+        for k in source.keys()
+        if k not in expected and not k.endswith(rules.ignore_suffixes or ("\0",))
     ]
     if unexpected:
         raise CheckpointMismatch(
@@ -135,7 +139,9 @@ def load_module(
                 arr[i] = e.to_ours(source.read(k))
         else:
             arr = np.asarray(e.to_ours(source.read(e.keys[0]))).astype(dtype, copy=False)
-        value = jax.make_array_from_callback(arr.shape, sharding(path, var), lambda idx, a=arr: a[idx])
+        value = jax.make_array_from_callback(
+            arr.shape, sharding(path, var), lambda idx, a=arr: a[idx]
+        )
         del arr
         flat.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

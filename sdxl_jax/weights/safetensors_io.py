@@ -66,7 +66,9 @@ class SafetensorsFile:
         self.tensors: dict[str, TensorInfo] = {}
         for key, entry in header.items():
             if entry["dtype"] not in DTYPES:
-                raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+                raise ValueError(
+                    f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}"
+                )
             begin, end = entry["data_offsets"]
             self.tensors[key] = TensorInfo(
                 DTYPES[entry["dtype"]], tuple(entry["shape"]), base + begin, end - begin
@@ -202,4 +204,3 @@ class TensorSource:
 
     def read(self, key: str) -> np.ndarray:
         return self._where[key].read(key)
-

@@ -18,8 +18,14 @@ _LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)")
 _LAYER_PARAMS = frozenset(
     f"{m}.{leaf}"
     for m in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-        "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "layer_norm1",
+        "layer_norm2",
+        "mlp.fc1",
+        "mlp.fc2",
     )  # fmt: skip
     for leaf in ("weight", "bias")
 )
@@ -44,7 +50,7 @@ _OPENCLIP_LAYER = {
     "mlp.fc1": "mlp.c_fc",
     "mlp.fc2": "mlp.c_proj",
 }
-_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+_QKV = {"q_proj": 1, "k_proj": 0, "v_proj": 2}
 
 
 def _check(ref_key: str, config: CLIPTextConfig) -> re.Match | None:

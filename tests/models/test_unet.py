@@ -64,8 +64,10 @@ def inputs(cfg: UNetConfig, n_ids: int, pooled: int, seed: int = 0):
     t = np.array([7.0, 901.0], np.float32)
     ctx = rng.standard_normal((2, 5, cfg.cross_attention_dim)).astype(np.float32)
     text = rng.standard_normal((2, pooled)).astype(np.float32)
-    ids = np.array([[1024, 768, 0, 32, 1024, 1024, 6][:n_ids], [64, 96, 16, 0, 64, 64, 2.5][:n_ids]],
-                   np.float32)
+    ids = np.array(
+        [[1024, 768, 0, 32, 1024, 1024, 6][:n_ids], [64, 96, 16, 0, 64, 64, 2.5][:n_ids]],
+        np.float32,
+    )
     return sample, t, ctx, text, ids
 
 
@@ -77,8 +79,13 @@ def run_both(cfg: UNetConfig, tmp_path, n_ids: int):
     sample, t, ctx, text, ids = inputs(cfg, n_ids, pooled)
     with torch.no_grad():
         want = ref(
-            torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(ctx),
-            added_cond_kwargs={"text_embeds": torch.from_numpy(text), "time_ids": torch.from_numpy(ids)},
+            torch.from_numpy(sample),
+            torch.from_numpy(t),
+            torch.from_numpy(ctx),
+            added_cond_kwargs={
+                "text_embeds": torch.from_numpy(text),
+                "time_ids": torch.from_numpy(ids),
+            },
         ).sample.numpy()
     got = np.asarray(ours(sample.transpose(0, 2, 3, 1), t, ctx, text, ids)).transpose(0, 3, 1, 2)
     return got, want, ours
@@ -98,13 +105,20 @@ def test_unet_matches_diffusers(name, n_ids, tmp_path):
 
 def test_full_size_counts_and_keys_match_diffusers():
     """Built abstractly: exact counts from SPEC.md, and every key and shape equals diffusers'."""
-    for cfg, expected in [(UNetConfig.sdxl_base(), 2_567_463_684), (UNetConfig.sdxl_refiner(), 2_259_526_660)]:
+    for cfg, expected in [
+        (UNetConfig.sdxl_base(), 2_567_463_684),
+        (UNetConfig.sdxl_refiner(), 2_259_526_660),
+    ]:
         abstract = COMPONENTS["unet"].abstract(cfg)
         assert count_params(abstract) == expected
         with torch.device("meta"):
             ref = RefUNet.from_config(cfg.to_reference())
         ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-        ours = {k: e.ref_shape for e in param_entries(abstract, COMPONENTS["unet"].name_rules(cfg)) for k in e.keys}
+        ours = {
+            k: e.ref_shape
+            for e in param_entries(abstract, COMPONENTS["unet"].name_rules(cfg))
+            for k in e.keys
+        }
         assert ours == ref_shapes
         assert sum(p.numel() for p in ref.parameters()) == expected
 
@@ -142,7 +156,10 @@ def test_refiner_weights_into_base_config_name_the_key(tmp_path):
     reference_unet(refiner).save_pretrained(tmp_path / "unet")
     # Force the base config onto refiner weights: the error names a key and both shapes.
     (tmp_path / "unet" / "config.json").write_text(json.dumps(base.to_reference()))
-    with pytest.raises(ValueError, match=r"unet: 'add_embedding.linear_1.bias' has shape \(64,\) in .*expected \(128,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"unet: 'add_embedding.linear_1.bias' has shape \(64,\) in .*expected \(128,\)",
+    ):
         load_component(tmp_path, "unet")
 
 
@@ -155,7 +172,9 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     sd = load_file(path)
     sd.pop("mid_block.attentions.0.transformer_blocks.1.attn2.to_k.weight")
     save_file(sd, path)
-    with pytest.raises(ValueError, match="lacks 'mid_block.attentions.0.transformer_blocks.1.attn2.to_k.weight'"):
+    with pytest.raises(
+        ValueError, match="lacks 'mid_block.attentions.0.transformer_blocks.1.attn2.to_k.weight'"
+    ):
         load_component(tmp_path, "unet")
     sd["mid_block.attentions.0.transformer_blocks.1.attn2.to_k.weight"] = torch.zeros(64, 48)
     sd["extra.weight"] = torch.zeros(3)
