@@ -1,4 +1,4 @@
-"""The CLIP text encoders of SDXL (transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection``).
+"""SDXL's CLIP text encoders (transformers ``CLIPTextModel``, ``CLIPTextModelWithProjection``).
 
 Token + position embeddings -> pre-LayerNorm transformer layers with causal self-attention ->
 final LayerNorm. SDXL reads the penultimate layer's output of both encoders (no final norm) and,
@@ -77,7 +77,7 @@ class CLIPTextConfig:
                 f"{self.num_heads} heads; pick a head count that divides it"
             )
         if self.num_layers < 1:
-            raise ValueError(f"CLIPTextConfig: num_layers must be at least 1, got {self.num_layers}")
+            raise ValueError(f"CLIPTextConfig: need at least one layer, got {self.num_layers}")
         if self.attention_impl not in layers.ATTENTION_IMPLS:
             raise ValueError(
                 f"CLIPTextConfig attention_impl={self.attention_impl!r}: use one of "
@@ -128,7 +128,7 @@ class CLIPTextConfig:
         if len(arch) != 1 or arch[0] not in ARCHITECTURES:
             raise ValueError(
                 f"text encoder config.json has architectures={arch or None}; sdxl_jax implements "
-                f"one of {ARCHITECTURES}. Set \"architectures\" to the class the weights were "
+                f'one of {ARCHITECTURES}. Set "architectures" to the class the weights were '
                 f"saved from."
             )
         model_type = d.get("model_type", "clip_text_model")
@@ -150,6 +150,7 @@ class CLIPTextConfig:
                 f"text encoder config.json eos_token_id={eos!r}: need a single integer (2 selects "
                 f"the legacy argmax pooling)"
             )
+        with_proj = arch[0] == "CLIPTextModelWithProjection"
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -159,7 +160,7 @@ class CLIPTextConfig:
             max_position_embeddings=d["max_position_embeddings"],
             hidden_act=d["hidden_act"],
             layer_norm_eps=float(d["layer_norm_eps"]),
-            projection_dim=d["projection_dim"] if arch[0] == "CLIPTextModelWithProjection" else None,
+            projection_dim=d["projection_dim"] if with_proj else None,
             eos_token_id=eos,
             bos_token_id=d["bos_token_id"],
             pad_token_id=d["pad_token_id"],
@@ -301,12 +302,11 @@ class CLIPTextModel(nnx.Module):
         param_dtype: Dtype = jnp.float32,
     ):
         self.config = config
-        self.text_model = CLIPTextTransformer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.text_model = CLIPTextTransformer(config, **kw)
         if config.projection_dim is not None:
-            self.text_projection = layers.linear(
-                config.hidden_size, config.projection_dim, ("embed", "proj"),
-                rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=False,
-            )  # fmt: skip
+            d, p = config.hidden_size, config.projection_dim
+            self.text_projection = layers.linear(d, p, ("embed", "proj"), use_bias=False, **kw)
 
     def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
         """input_ids [B, T] int, T <= max_position_embeddings."""

@@ -123,7 +123,9 @@ def attention(
     splash-attention kernel would slot in here.
     """
     if implementation not in ATTENTION_IMPLS:
-        raise ValueError(f"attention implementation {implementation!r}: use one of {ATTENTION_IMPLS}")
+        raise ValueError(
+            f"attention implementation {implementation!r}: use one of {ATTENTION_IMPLS}"
+        )
     impl = None if implementation == "auto" else implementation
     if implementation == "auto":
         head = q.shape[-1]
@@ -152,7 +154,11 @@ def merge_heads(x: jax.Array) -> jax.Array:
 
 
 def timestep_embedding(
-    t: jax.Array, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
+    t: jax.Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
     max_period: float = 10000.0,
 ) -> jax.Array:
     """Sinusoidal embedding of (possibly fractional) timesteps, [B] -> [B, dim], in fp32.

@@ -58,7 +58,7 @@ class UNetConfig:
                 f"UNetConfig: block_out_channels, transformer_depth and num_heads need one entry "
                 f"per level ({n}); got {len(self.transformer_depth)} and {len(self.num_heads)}"
             )
-        for c, h in zip(self.block_out_channels, self.num_heads):
+        for c, h in zip(self.block_out_channels, self.num_heads, strict=True):
             if c % h:
                 raise ValueError(f"UNetConfig: {c} channels do not split into {h} heads")
             if c % self.norm_num_groups:
@@ -197,7 +197,7 @@ class UNetConfig:
         return cls(
             block_out_channels=tuple(d["block_out_channels"]),
             layers_per_block=lpb[0],
-            transformer_depth=tuple(t if a else 0 for t, a in zip(tlpb, has_attn)),
+            transformer_depth=tuple(t if a else 0 for t, a in zip(tlpb, has_attn, strict=True)),
             mid_transformer_depth=tlpb[-1],
             num_heads=tuple(heads),
             cross_attention_dim=ctx,
@@ -578,7 +578,7 @@ class MidBlock(nnx.Module):
 
 
 class UNet2DConditionModel(nnx.Module):
-    """The SDXL UNet: noise prediction from (latents, timestep, text context, vector conditioning)."""
+    """The SDXL UNet: noise prediction from latents, timestep, text context and vector cond."""
 
     def __init__(
         self,

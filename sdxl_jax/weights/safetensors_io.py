@@ -144,7 +144,7 @@ def write_sharded(
     max_shard_bytes: int | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Write ``<stem>.safetensors``, or shards plus ``<stem>.safetensors.index.json`` (HF layout)."""
+    """Write ``<stem>.safetensors``, or shards plus ``<stem>.safetensors.index.json`` (HF)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, TensorSpec]] = [{}]
@@ -161,7 +161,7 @@ def write_sharded(
         return [name]
     names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         write_safetensors(folder / name, shard, metadata)
         weight_map.update({k: name for k in shard})
     total = sum(s.nbytes for s in tensors.values())

@@ -26,7 +26,7 @@ _LAYER_PARAMS = frozenset(
         "layer_norm2",
         "mlp.fc1",
         "mlp.fc2",
-    )  # fmt: skip
+    )
     for leaf in ("weight", "bias")
 )
 _TOP_PARAMS = frozenset(
@@ -50,7 +50,7 @@ _OPENCLIP_LAYER = {
     "mlp.fc1": "mlp.c_fc",
     "mlp.fc2": "mlp.c_proj",
 }
-_QKV = {"q_proj": 1, "k_proj": 0, "v_proj": 2}
+_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 
 
 def _check(ref_key: str, config: CLIPTextConfig) -> re.Match | None:

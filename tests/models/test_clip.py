@@ -21,10 +21,8 @@ from safetensors.torch import save_file
 from sdxl_jax.models.clip import CLIP_RULES, CLIPTextConfig, CLIPTextModel
 from sdxl_jax.weights.components import COMPONENTS
 from sdxl_jax.weights.diffusers_io import load_component, save_component
-from sdxl_jax.weights.loader import load_module
 from sdxl_jax.weights.mapping import count_params, param_entries
-from sdxl_jax.weights.safetensors_io import SafetensorsFile
-from sdxl_jax.weights.sgm_clip import sgm_name_openclip
+from sdxl_jax.weights.single_file import load_single_file
 
 TOL = 1e-4
 VOCAB = 1000
@@ -38,7 +36,7 @@ def rel_err(ours, ref) -> float:
 
 
 def hf_config(**kw) -> transformers.CLIPTextConfig:
-    """Written out independently of CLIPTextConfig.to_reference, as the SDXL config.json files are."""
+    """Spelled out independently of CLIPTextConfig.to_reference, as SDXL's config.json files are."""
     base = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -56,7 +54,7 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def ids_with_end(rng: np.random.Generator, batch: int, length: int, end_at: list[int]) -> np.ndarray:
+def ids_with_end(rng: np.random.Generator, batch: int, length: int, end_at: list) -> np.ndarray:
     """Rows [bos, words..., end (the highest id), pad 0 ...] with the end token at ``end_at``."""
     ids = rng.integers(3, VOCAB - 1, size=(batch, length))
     ids[:, 0] = 0
@@ -143,52 +141,6 @@ def test_bigg_matches_transformers(tmp_path):
 # --- OpenCLIP bigG flavour vs open_clip's text tower, loaded from a single-file layout --------
 
 
-class OpenClipFileSource:
-    """One embedder of an sgm-style single file, seen under reference (transformers) names.
-
-    TODO(lead): switch to single_file loader. This stands in for the generic single-file source:
-    for each reference key it reads ``prefix + sgm_name_openclip(key).key`` and applies the
-    SgmTensor's ``part`` (chunk of dim 0) and ``transpose``.
-    """
-
-    def __init__(self, path, prefix: str, config: CLIPTextConfig, ref_keys: list[str]):
-        self.file = SafetensorsFile(path)
-        self.prefix = prefix
-        self.description = f"{path} [{prefix}]"
-        self.where = {k: sgm_name_openclip(k, config) for k in ref_keys}
-        used = {prefix + t.key for t in self.where.values()}
-        # File tensors of this embedder that no reference key reads: shown raw, so the loader
-        # reports them as unexpected.
-        self.extra = [k for k in self.file.keys() if k.startswith(prefix) and k not in used]
-
-    def _file_key(self, key: str) -> str:
-        return self.prefix + self.where[key].key
-
-    def keys(self) -> list[str]:
-        return [k for k in self.where if self._file_key(k) in self.file.tensors] + self.extra
-
-    def __contains__(self, key: str) -> bool:
-        if key in self.where:
-            return self._file_key(key) in self.file.tensors
-        return key in self.extra
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        if key in self.extra:
-            return self.file.tensors[key].shape
-        t = self.where[key]
-        shape = list(self.file.tensors[self._file_key(key)].shape)
-        if t.part >= 0:
-            shape[0] //= t.parts
-        return tuple(shape[::-1] if t.transpose else shape)
-
-    def read(self, key: str) -> np.ndarray:
-        t = self.where[key]
-        arr = self.file.read(self._file_key(key))
-        if t.part >= 0:
-            arr = np.split(arr, t.parts, axis=0)[t.part]
-        return arr.T if t.transpose else arr
-
-
 def test_bigg_matches_open_clip(tmp_path):
     from open_clip.transformer import TextTransformer
 
@@ -201,14 +153,15 @@ def test_bigg_matches_open_clip(tmp_path):
         act_layer=torch.nn.GELU, pool_type="argmax",
     )  # fmt: skip
     randomize(tower, 5)
+    # As in sd_xl_base_1.0.safetensors: open_clip names under the embedder's prefix, its
+    # logit_scale, and the other components' tensors beside it.
     sd = {OPENCLIP_PREFIX + k: v.contiguous() for k, v in tower.state_dict().items()}
-    sd["model.diffusion_model.out.0.weight"] = torch.ones(3)  # another component of the file
-    save_file(sd, tmp_path / "sd_xl.safetensors")
-
-    abstract = COMPONENTS["text_encoder_2"].abstract(cfg)
-    ref_keys = [k for e in param_entries(abstract, CLIP_RULES) for k in e.keys]
-    source = OpenClipFileSource(tmp_path / "sd_xl.safetensors", OPENCLIP_PREFIX, cfg, ref_keys)
-    ours = load_module(abstract, source, CLIP_RULES, component="text_encoder_2")
+    sd[OPENCLIP_PREFIX + "logit_scale"] = torch.tensor(4.6)
+    sd["model.diffusion_model.out.0.weight"] = torch.ones(3)
+    path = tmp_path / "sd_xl.safetensors"
+    save_file(sd, path)
+    ours = load_single_file(path, ["text_encoder_2"], configs={"text_encoder_2": cfg})
+    ours = ours["text_encoder_2"]
 
     ids = ids_with_end(np.random.default_rng(3), 3, 77, [6, 76, 33])
     text = torch.from_numpy(ids)
@@ -262,9 +215,8 @@ def test_save_load_round_trip_and_transformers_reads_export(tmp_path, preset):
     state = nnx.state(model, nnx.Param)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(8), len(leaves))
-    state = jax.tree.unflatten(
-        treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    )
+    noisy = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    state = jax.tree.unflatten(treedef, noisy)
     nnx.update(model, state)
 
     name = "text_encoder_2" if cfg.projection_dim else "text_encoder"
@@ -276,8 +228,9 @@ def test_save_load_round_trip_and_transformers_reads_export(tmp_path, preset):
     for path, var in a:
         np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(b[path].get_value()))
 
-    cls = transformers.CLIPTextModelWithProjection if cfg.projection_dim else transformers.CLIPTextModel
-    ref, info = cls.from_pretrained(tmp_path / name, output_loading_info=True)
+    ref_cls = "CLIPTextModelWithProjection" if cfg.projection_dim else "CLIPTextModel"
+    ref_cls = getattr(transformers, ref_cls)
+    ref, info = ref_cls.from_pretrained(tmp_path / name, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     ids = ids_with_end(np.random.default_rng(9), 2, 77, [10, 50])
     with torch.no_grad():
@@ -355,5 +308,5 @@ def test_remat_gives_same_values_and_gradients():
     la, ga = nnx.jit(nnx.value_and_grad(loss))(plain)
     lb, gb = nnx.jit(nnx.value_and_grad(loss))(remat)
     assert rel_err(lb, la) <= TOL
-    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
         assert rel_err(y, x) <= TOL

@@ -146,7 +146,9 @@ def test_export_is_bit_exact_and_opens_in_diffusers(tmp_path):
         np.testing.assert_array_equal(np.asarray(a[k].get_value()), np.asarray(b[k].get_value()))
     # diffusers' own loader reads our export and holds exactly the original weights.
     reopened = RefUNet.from_pretrained(tmp_path / "b" / "unet")
-    for (k1, v1), (k2, v2) in zip(ref.state_dict().items(), reopened.state_dict().items()):
+    for (k1, v1), (k2, v2) in zip(
+        ref.state_dict().items(), reopened.state_dict().items(), strict=True
+    ):
         assert k1 == k2
         assert torch.equal(v1, v2), k1
 

@@ -30,7 +30,9 @@ def test_diffusers_converter_inverts_our_mapping(name):
 def test_mapping_is_injective_at_full_size():
     for cfg in [UNetConfig.sdxl_base(), UNetConfig.sdxl_refiner()]:
         abstract = COMPONENTS["unet"].abstract(cfg)
-        keys = [k for e in param_entries(abstract, COMPONENTS["unet"].name_rules(cfg)) for k in e.keys]
+        keys = [
+            k for e in param_entries(abstract, COMPONENTS["unet"].name_rules(cfg)) for k in e.keys
+        ]
         names = {sgm_name(k, cfg).key for k in keys}
         assert len(names) == len(keys)
         # Landmarks of the real sgm layouts.

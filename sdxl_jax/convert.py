@@ -1,0 +1,171 @@
+"""Inspect checkpoints and presets; convert between diffusers folders and single files.
+
+python -m sdxl_jax.convert inspect --preset sdxl_base  # exact parameter counts, no allocation
+python -m sdxl_jax.convert inspect PATH                    # what a checkpoint holds (headers only)
+python -m sdxl_jax.convert export PATH --to OUT --format diffusers|single-file [--dtype fp16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def presets() -> dict[str, dict[str, Any]]:
+    """Named model sets: whole SDXL pipelines, single components, and tiny test sizes."""
+    from sdxl_jax.models.clip import CLIPTextConfig
+    from sdxl_jax.models.unet import UNetConfig
+    from sdxl_jax.models.vae import VAEConfig
+
+    return {
+        "sdxl_base": {
+            "unet": UNetConfig.sdxl_base(),
+            "vae": VAEConfig.sdxl(),
+            "text_encoder": CLIPTextConfig.clip_l(),
+            "text_encoder_2": CLIPTextConfig.open_clip_bigg(),
+        },
+        "sdxl_refiner": {
+            "unet": UNetConfig.sdxl_refiner(),
+            "vae": VAEConfig.sdxl(),
+            "text_encoder_2": CLIPTextConfig.open_clip_bigg(),
+        },
+        "sdxl_vae": {"vae": VAEConfig.sdxl()},
+        "clip_l": {"text_encoder": CLIPTextConfig.clip_l()},
+        "open_clip_bigg": {"text_encoder_2": CLIPTextConfig.open_clip_bigg()},
+        "tiny": {
+            "unet": UNetConfig.tiny(),
+            "vae": VAEConfig.tiny(),
+            "text_encoder": CLIPTextConfig.tiny(),
+            "text_encoder_2": CLIPTextConfig.tiny_bigg(),
+        },
+    }
+
+
+def preset_counts(name: str) -> dict[str, tuple[str, int]]:
+    """Per component: module class and exact parameter count, built abstractly."""
+    from sdxl_jax.weights.components import COMPONENTS
+    from sdxl_jax.weights.mapping import count_params
+
+    table = presets()
+    if name not in table:
+        raise SystemExit(f"unknown preset {name!r}; choose from {', '.join(table)}")
+    out = {}
+    for comp, cfg in table[name].items():
+        abstract = COMPONENTS[comp].abstract(cfg)
+        out[comp] = (type(abstract).__name__, count_params(abstract))
+    return out
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.preset:
+        rows = preset_counts(args.preset)
+        if args.json:
+            print(json.dumps({k: {"class": c, "parameters": n} for k, (c, n) in rows.items()}))
+            return 0
+        print(f"preset {args.preset} (built abstractly; nothing allocated)")
+        print(f"{'component':<16}{'class':<28}{'parameters':>14}  {'':>15}  fp32 / bf16 size")
+        for comp, (cls, n) in rows.items():
+            print(f"{comp:<16}{cls:<28}{n:>14d}  ({n:>13,})  {_gb(4 * n)} / {_gb(2 * n)}")
+        total = sum(n for _, n in rows.values())
+        if len(rows) > 1:
+            print(f"{'total':<44}{total:>14d}  ({total:>13,})  {_gb(4 * total)} / {_gb(2 * total)}")
+        return 0
+    if not args.path:
+        raise SystemExit("inspect needs a PATH or --preset NAME")
+    from sdxl_jax.weights.formats import describe
+
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['path']}: {info['format']}" + (f" ({info['model']})" if "model" in info else ""))
+    for name, c in info["components"].items():
+        dts = ", ".join(f"{d} x{n}" for d, n in sorted(c["dtypes"].items()))
+        cls = f"  {c['class']}" if "class" in c else ""
+        print(
+            f"  {name:<16}{c['parameters']:>14d} params  {c['tensors']:>5} tensors  "
+            f"{_gb(c['bytes'])}  [{dts}]{cls}"
+        )
+    if info.get("extras"):
+        print(f"  also: {', '.join(info['extras'])}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+    from sdxl_jax.weights import formats
+
+    dtype = np.dtype(DTYPES[args.dtype]) if args.dtype else None
+    src = Path(args.path)
+    t0 = time.perf_counter()
+    comps = args.components.split(",") if args.components else None
+    # Load straight into the export dtype: no full-precision copy is ever held.
+    param_dtype = dtype if dtype is not None else np.float32
+    models = formats.load(src, comps, param_dtype=param_dtype)
+    t1 = time.perf_counter()
+    print(f"loaded {', '.join(models)} from {src} in {t1 - t0:.1f} s", file=sys.stderr)
+    shard = int(float(args.max_shard_gb) * 1e9) if args.max_shard_gb else None
+    formats.save(models, args.to, args.format, dtype=dtype, max_shard_bytes=shard, copy_from=src)
+    print(f"wrote {args.to} ({args.format}) in {time.perf_counter() - t1:.1f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m sdxl_jax.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    pi = sub.add_parser("inspect", help="parameter counts of a preset, or what a checkpoint holds")
+    pi.add_argument("path", nargs="?", help="a diffusers folder or a .safetensors single file")
+    pi.add_argument(
+        "--preset",
+        help="sdxl_base, sdxl_refiner, sdxl_vae, clip_l, open_clip_bigg or tiny",
+    )
+    pi.add_argument("--json", action="store_true", help="machine-readable output")
+    pi.set_defaults(fn=cmd_inspect)
+    pe = sub.add_parser(
+        "export",
+        help="convert a checkpoint (diffusers folder or single file) to either format",
+        description="Loads through sdxl_jax's modules (so the weights are checked against the "
+        "architecture) and writes a diffusers folder or an sgm single file.",
+    )
+    pe.add_argument("path", help="source: a diffusers folder or a .safetensors single file")
+    pe.add_argument("--to", required=True, help="output folder (diffusers) or .safetensors file")
+    pe.add_argument("--format", required=True, choices=["diffusers", "single-file"])
+    pe.add_argument("--dtype", choices=list(DTYPES), help="cast weights (default: keep fp32)")
+    pe.add_argument("--components", help="comma-separated subset, e.g. unet,vae")
+    pe.add_argument(
+        "--max-shard-gb", default="10", help="diffusers shard size in GB (0: one file; default 10)"
+    )
+    pe.set_defaults(fn=cmd_export)
+    args = p.parse_args(argv)
+    if (
+        args.command == "export"
+        and args.format == "single-file"
+        and not args.to.endswith(".safetensors")
+    ):
+        p.error("--to must end in .safetensors for --format single-file")
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
