@@ -199,13 +199,19 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) 
 
 
 def scan_apply(
-    stack: nnx.Module, x: jax.Array, *args: Any, remat: bool = False, collect: bool = False
+    stack: nnx.Module,
+    x: jax.Array,
+    *args: Any,
+    remat: bool = False,
+    collect: bool = False,
+    unroll: int | bool = 1,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Run ``x = layer(x, *args)`` over the layers of a :func:`stacked` module under ``nnx.scan``.
 
     ``args`` (e.g. the cross-attention context) are broadcast to every layer. ``remat``
     recomputes each layer's activations in the backward pass instead of storing them.
-    ``collect`` also returns every layer's output stacked, [L, *x.shape].
+    ``collect`` also returns every layer's output stacked, [L, *x.shape]. ``unroll`` is
+    ``lax.scan``'s (``True`` unrolls fully: XLA's cost analysis then counts every layer).
     """
 
     def body(layer: nnx.Module, h: jax.Array) -> jax.Array:
@@ -216,14 +222,14 @@ def scan_apply(
 
     if collect:
 
-        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0), unroll=unroll)
         def run_all(layer: nnx.Module, h: jax.Array) -> tuple[jax.Array, jax.Array]:
             h = body(layer, h)
             return h, h
 
         return run_all(stack, x)
 
-    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, unroll=unroll)
     def run(layer: nnx.Module, h: jax.Array) -> jax.Array:
         return body(layer, h)
 

@@ -48,7 +48,8 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     sample_size: int = 128
-    remat: bool = False
+    remat: bool = False  # recompute each transformer block in the backward pass
+    scan_unroll: int | bool = 1  # lax.scan unroll of the transformer stacks
     attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
@@ -421,6 +422,7 @@ class Transformer2DModel(nnx.Module):
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.remat = cfg.remat
+        self.unroll = cfg.scan_unroll
         self.norm = layers.group_norm(dim, cfg.norm_num_groups, 1e-6, **kw)
         self.proj_in = layers.linear(dim, dim, ("embed", "mlp"), **kw)
         self.transformer_blocks = layers.stacked(
@@ -441,7 +443,9 @@ class Transformer2DModel(nnx.Module):
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:  # x [B, H, W, C]
         b, h, w, c = x.shape
         y = self.proj_in(self.norm(x).reshape(b, h * w, c))
-        y = layers.scan_apply(self.transformer_blocks, y, context, remat=self.remat)
+        y = layers.scan_apply(
+            self.transformer_blocks, y, context, remat=self.remat, unroll=self.unroll
+        )
         return x + self.proj_out(y).reshape(b, h, w, c)
 
 
