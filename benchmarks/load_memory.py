@@ -79,25 +79,6 @@ class RssSampler(threading.Thread):
 
 
 # -- step 1: write the checkpoint --------------------------------------------------------------
-def patch_bf16_writer() -> bool:
-    """Work around ``write_safetensors`` failing on bf16 (``memoryview`` cannot export numpy's
-    ml_dtypes.bfloat16, format 'E'): give that module a ``memoryview`` that exports raw bytes.
-    Only applied while the bug is there; returns whether it was."""
-    from sdxl_jax.weights import safetensors_io
-
-    try:
-        memoryview(np.zeros(1, ml_dtypes.bfloat16)).cast("B")
-        return False
-    except ValueError:
-        pass
-
-    def raw_bytes(arr: np.ndarray) -> memoryview:
-        return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-
-    safetensors_io.memoryview = raw_bytes
-    return True
-
-
 def checkpoint_files(unet_dir: Path) -> list[Path]:
     return sorted(unet_dir.glob(f"{STEM}*.safetensors"))
 
@@ -111,8 +92,6 @@ def write_checkpoint(workdir: Path, dtype: np.dtype, max_shard_bytes: int | None
     from sdxl_jax.weights.mapping import param_entries
     from sdxl_jax.weights.safetensors_io import TensorSpec, write_sharded
 
-    if dtype == DTYPES["bf16"] and patch_bf16_writer():
-        print("note: patched safetensors_io.write_safetensors for bf16 (memoryview bug)")
     cfg = UNetConfig.sdxl_base()
     comp = COMPONENTS["unet"]
     abstract = comp.abstract(cfg, param_dtype=jnp.float32)  # shapes only

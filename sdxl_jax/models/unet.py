@@ -468,6 +468,18 @@ class Upsample2D(nnx.Module):
         return self.conv(x)
 
 
+def level_attentions(
+    cfg: UNetConfig, level: int, dim: int, n: int, kw: dict[str, Any]
+) -> nnx.List | None:
+    """The ``n`` transformers that follow a level's ResNet blocks, or None (depth 0)."""
+    depth = cfg.transformer_depth[level]
+    if not depth:
+        return None
+    return nnx.List(
+        [Transformer2DModel(dim, cfg.num_heads[level], depth, cfg, **kw) for _ in range(n)]
+    )
+
+
 class DownBlock(nnx.Module):
     """One encoder level: ResNet blocks (each followed by a transformer if depth > 0), then an
     optional stride-2 downsampler. diffusers: DownBlock2D / CrossAttnDownBlock2D."""
@@ -490,14 +502,7 @@ class DownBlock(nnx.Module):
         self.resnets = nnx.List(
             [ResnetBlock2D(cin if j == 0 else cout, cout, temb, g, eps, **kw) for j in range(n)]
         )
-        depth = cfg.transformer_depth[level]
-        self.attentions = (
-            nnx.List(
-                [Transformer2DModel(cout, cfg.num_heads[level], depth, cfg, **kw) for _ in range(n)]
-            )
-            if depth
-            else None
-        )
+        self.attentions = level_attentions(cfg, level, cout, n, kw)
         self.downsamplers = nnx.List([Downsample2D(cout, **kw)]) if add_downsample else None
 
     def __call__(
@@ -541,14 +546,7 @@ class UpBlock(nnx.Module):
             x_in = cprev if j == 0 else cout
             resnets.append(ResnetBlock2D(x_in + skip, cout, temb, g, eps, **kw))
         self.resnets = nnx.List(resnets)
-        depth = cfg.transformer_depth[level]
-        self.attentions = (
-            nnx.List(
-                [Transformer2DModel(cout, cfg.num_heads[level], depth, cfg, **kw) for _ in range(n)]
-            )
-            if depth
-            else None
-        )
+        self.attentions = level_attentions(cfg, level, cout, n, kw)
         self.upsamplers = nnx.List([Upsample2D(cout, **kw)]) if add_upsample else None
 
     def __call__(
