@@ -31,7 +31,7 @@ class UNetConfig:
     """UNet hyperparameters. ``transformer_depth[i] == 0`` means level ``i`` has no attention."""
 
     block_out_channels: tuple[int, ...] = (320, 640, 1280)
-    layers_per_block: int = 2
+    layers_per_block: int | tuple[int, ...] = 2  # ResNet blocks per level (decoder: one more)
     transformer_depth: tuple[int, ...] = (0, 2, 10)
     mid_transformer_depth: int = 10
     num_heads: tuple[int, ...] = (5, 10, 20)  # per level; the mid block uses the last
@@ -54,6 +54,14 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
+        if isinstance(self.layers_per_block, int):
+            object.__setattr__(self, "layers_per_block", (self.layers_per_block,) * n)
+        object.__setattr__(self, "layers_per_block", tuple(self.layers_per_block))
+        if len(self.layers_per_block) != n or min(self.layers_per_block) < 1:
+            raise ValueError(
+                f"UNetConfig: layers_per_block needs one entry >= 1 per level ({n}), "
+                f"got {self.layers_per_block}"
+            )
         if len(self.transformer_depth) != n or len(self.num_heads) != n:
             raise ValueError(
                 f"UNetConfig: block_out_channels, transformer_depth and num_heads need one entry "
@@ -178,8 +186,6 @@ class UNetConfig:
             return v
 
         lpb = per_level("layers_per_block", 2)
-        if len(set(lpb)) != 1:
-            raise ValueError(f"unet/config.json: per-level layers_per_block {lpb} is not supported")
         tlpb = per_level("transformer_layers_per_block", 1)
         if any(not isinstance(x, int) for x in tlpb):
             raise ValueError(
@@ -197,7 +203,7 @@ class UNetConfig:
             ctx = ctx[0]
         return cls(
             block_out_channels=tuple(d["block_out_channels"]),
-            layers_per_block=lpb[0],
+            layers_per_block=tuple(lpb),
             transformer_depth=tuple(t if a else 0 for t, a in zip(tlpb, has_attn, strict=True)),
             mid_transformer_depth=tlpb[-1],
             num_heads=tuple(heads),
@@ -226,6 +232,7 @@ class UNetConfig:
         # Attention-free levels still need an entry; the last one also sets the mid block.
         tlpb = [t or 1 for t in depth[:-1]] + [self.mid_transformer_depth]
         has_attn = [t > 0 for t in depth]
+        lpb = list(self.layers_per_block)
         return {
             "_class_name": "UNet2DConditionModel",
             "_diffusers_version": "0.42.1",
@@ -252,7 +259,7 @@ class UNetConfig:
             "flip_sin_to_cos": self.flip_sin_to_cos,
             "freq_shift": self.freq_shift,
             "in_channels": self.in_channels,
-            "layers_per_block": self.layers_per_block,
+            "layers_per_block": lpb[0] if len(set(lpb)) == 1 else lpb,
             "mid_block_only_cross_attention": None,
             "mid_block_scale_factor": 1,
             "mid_block_type": "UNetMidBlock2DCrossAttn",
@@ -498,7 +505,7 @@ class DownBlock(nnx.Module):
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
-        n = cfg.layers_per_block
+        n = cfg.layers_per_block[level]
         self.resnets = nnx.List(
             [ResnetBlock2D(cin if j == 0 else cout, cout, temb, g, eps, **kw) for j in range(n)]
         )
@@ -539,7 +546,7 @@ class UpBlock(nnx.Module):
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
-        n = cfg.layers_per_block + 1
+        n = cfg.layers_per_block[level] + 1
         resnets = []
         for j in range(n):
             skip = cin if j == n - 1 else cout

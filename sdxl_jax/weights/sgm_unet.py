@@ -2,8 +2,9 @@
 
 sgm numbers the encoder's blocks ``input_blocks.N`` (N = 0 is conv_in; each level has
 ``layers_per_block`` ResNet(+transformer) blocks, then its downsampler), the middle
-``middle_block.{0,1,2}`` and the decoder's ``output_blocks.N`` (``layers_per_block + 1`` per level,
-the upsampler inside the level's last block). Transformer internals keep their names.
+``middle_block.{0,1,2}`` and the decoder's ``output_blocks.N`` (``layers_per_block + 1`` per
+level, deepest first, the upsampler inside the level's last block). Transformer internals keep
+their names.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def sgm_name(ref_key: str, config: UNetConfig) -> SgmTensor:
     head, _, param = ref_key.rpartition(".")
     if head in _FIXED:
         return SgmTensor(f"{_FIXED[head]}.{param}")
-    n = config.layers_per_block
+    lpb = config.layers_per_block
+    levels = len(lpb)
     if m := _MID.fullmatch(ref_key):
         kind, j, rest = m[1], int(m[2]), m[3]
         if kind == "attentions":
@@ -59,15 +61,17 @@ def sgm_name(ref_key: str, config: UNetConfig) -> SgmTensor:
         raise KeyError(f"no single-file name for UNet key {ref_key!r}")
     where, i, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
     if where == "down_blocks":
+        first = 1 + sum(n + 1 for n in lpb[:i])  # conv_in, then each level's blocks + downsampler
         if kind == "downsamplers":
-            return SgmTensor(f"input_blocks.{(i + 1) * (n + 1)}.0.op.{rest.removeprefix('conv.')}")
-        block = 1 + i * (n + 1) + j
+            return SgmTensor(f"input_blocks.{first + lpb[i]}.0.op.{rest.removeprefix('conv.')}")
+        block = first + j
     else:
+        level = levels - 1 - i
+        first = sum(lpb[levels - 1 - k] + 1 for k in range(i))
         if kind == "upsamplers":
-            level = len(config.block_out_channels) - 1 - i
             slot = 2 if config.transformer_depth[level] else 1
-            return SgmTensor(f"output_blocks.{i * (n + 1) + n}.{slot}.{rest}")
-        block = i * (n + 1) + j
+            return SgmTensor(f"output_blocks.{first + lpb[level]}.{slot}.{rest}")
+        block = first + j
     blocks = "input_blocks" if where == "down_blocks" else "output_blocks"
     if kind == "attentions":
         return SgmTensor(f"{blocks}.{block}.1.{rest}")

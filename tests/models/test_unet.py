@@ -30,6 +30,8 @@ CONFIGS = {
         cross_attention_dim=24,
         projection_class_embeddings_input_dim=24 + 5 * 8,
     ),
+    # Different ResNet counts per level (diffusers' list form of layers_per_block).
+    "uneven": UNetConfig.tiny(layers_per_block=(2, 1, 3), transformer_depth=(0, 1, 2)),
     # An attention-free level between two attention levels, and a mid block depth that differs.
     "gap": UNetConfig.tiny(
         transformer_depth=(1, 0, 3),
@@ -91,7 +93,7 @@ def run_both(cfg: UNetConfig, tmp_path, n_ids: int):
     return got, want, ours
 
 
-@pytest.mark.parametrize("name,n_ids", [("base", 6), ("refiner", 5), ("gap", 6)])
+@pytest.mark.parametrize("name,n_ids", [("base", 6), ("refiner", 5), ("gap", 6), ("uneven", 6)])
 def test_unet_matches_diffusers(name, n_ids, tmp_path):
     cfg = CONFIGS[name]
     got, want, ours = run_both(cfg, tmp_path, n_ids)

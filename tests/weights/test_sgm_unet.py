@@ -46,18 +46,31 @@ def test_mapping_is_injective_at_full_size():
             assert "output_blocks.2.1.conv.weight" in names  # no attention at level 3
 
 
-def test_single_file_round_trip_and_parity(tmp_path):
+@pytest.mark.parametrize("name", ["refiner", "uneven"])
+def test_single_file_round_trip_and_parity(name, tmp_path):
     """diffusers folder -> our modules -> single file -> our modules: bit-exact, same outputs."""
-    cfg = CONFIGS["refiner"]
+    cfg = CONFIGS[name]
     ref = reference_unet(cfg, seed=5)
     path = tmp_path / "unet_only.safetensors"
+    # The sgm numbering of an uneven UNet, as sgm's own model builds it: per level its ResNet
+    # blocks then the downsampler; decoder levels deepest first with one block more.
+    if name == "uneven":
+        names = {sgm_name(k, cfg).key for k in ref.state_dict()}
+        assert "input_blocks.3.0.op.weight" in names  # level 0: blocks 1-2, downsampler 3
+        assert "input_blocks.5.0.op.weight" in names  # level 1: block 4, downsampler 5
+        assert "input_blocks.8.1.proj_in.weight" in names  # level 2: blocks 6-8
+        assert "output_blocks.3.2.conv.weight" in names  # deepest level: 4 blocks, 0-3
+        assert "output_blocks.5.2.conv.weight" in names  # level 1: 2 blocks, 4-5
+        assert "output_blocks.8.0.in_layers.0.weight" in names  # level 0: 3 blocks, 6-8
     from sdxl_jax.weights.diffusers_io import load_component
 
     ref.save_pretrained(tmp_path / "d" / "unet")
     ours = load_component(tmp_path / "d", "unet")
     save_single_file({"unet": ours}, path)
     again = load_single_file(path, configs={"unet": cfg})["unet"]
-    sample, t, ctx, text, ids = inputs(cfg, 5, 24)
+    n_ids = 5 if name == "refiner" else 6
+    pooled = cfg.projection_class_embeddings_input_dim - n_ids * cfg.addition_time_embed_dim
+    sample, t, ctx, text, ids = inputs(cfg, n_ids, pooled)
     a = np.asarray(ours(sample.transpose(0, 2, 3, 1), t, ctx, text, ids))
     b = np.asarray(again(sample.transpose(0, 2, 3, 1), t, ctx, text, ids))
     np.testing.assert_array_equal(a, b)
