@@ -65,7 +65,7 @@ def preset_counts(name: str) -> dict[str, tuple[str, int]]:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
