@@ -114,11 +114,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     comps = args.components.split(",") if args.components else None
     # Load straight into the export dtype: no full-precision copy is ever held.
     param_dtype = dtype if dtype is not None else np.float32
-    models = formats.load(src, comps, param_dtype=param_dtype)
+    models = formats.load(src, comps, param_dtype=param_dtype, progress=True)
     t1 = time.perf_counter()
     print(f"loaded {', '.join(models)} from {src} in {t1 - t0:.1f} s", file=sys.stderr)
     shard = int(float(args.max_shard_gb) * 1e9) if args.max_shard_gb else None
-    formats.save(models, args.to, args.format, dtype=dtype, max_shard_bytes=shard, copy_from=src)
+    formats.save(
+        models,
+        args.to,
+        args.format,
+        dtype=dtype,
+        max_shard_bytes=shard,
+        copy_from=src,
+        progress=True,
+    )
     print(f"wrote {args.to} ({args.format}) in {time.perf_counter() - t1:.1f} s", file=sys.stderr)
     return 0
 

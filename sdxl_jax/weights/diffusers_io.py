@@ -72,6 +72,7 @@ def load_component(
     param_dtype: Any = jnp.float32,
     sharding: ShardingFn | None = None,
     variant: str | None = None,
+    progress: bool = False,
 ) -> nnx.Module:
     """Load one component of a diffusers folder; its config comes from its ``config.json``."""
     folder = Path(folder)
@@ -79,7 +80,10 @@ def load_component(
     config = read_config(folder, name)
     source = find_weights(folder / name, comp.weights_stem, variant)
     abstract = comp.abstract(config, dtype=dtype, param_dtype=param_dtype)
-    return load_module(abstract, source, comp.name_rules(config), component=name, sharding=sharding)
+    rules = comp.name_rules(config)
+    return load_module(
+        abstract, source, rules, component=name, sharding=sharding, progress=progress
+    )
 
 
 def save_component(
@@ -89,6 +93,7 @@ def save_component(
     *,
     dtype: Any = None,
     max_shard_bytes: int | None = None,
+    progress: bool = False,
 ) -> None:
     """Write one component as ``<folder>/<name>/config.json`` plus safetensors."""
     comp = COMPONENTS[name]
@@ -98,4 +103,6 @@ def save_component(
     cfg = config.to_reference()
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     tensors = export_tensors(module, comp.name_rules(config), np.dtype(dtype) if dtype else None)
-    write_sharded(out, comp.weights_stem, tensors, max_shard_bytes, metadata={"format": "pt"})
+    write_sharded(
+        out, comp.weights_stem, tensors, max_shard_bytes, {"format": "pt"}, progress=progress
+    )

@@ -50,12 +50,18 @@ def load(
     param_dtype: Any = jnp.float32,
     sharding: ShardingFn | None = None,
     variant: str | None = None,
+    progress: bool = False,
 ) -> dict[str, nnx.Module]:
     """Load the named components (default: all present) from any supported checkpoint."""
     path = Path(path)
     if detect(path) == "single-file":
         return single_file.load_single_file(
-            path, components, dtype=dtype, param_dtype=param_dtype, sharding=sharding
+            path,
+            components,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            sharding=sharding,
+            progress=progress,
         )
     present = [c for c in COMPONENTS if (path / c / "config.json").exists()]
     wanted = list(components) if components is not None else present
@@ -64,7 +70,13 @@ def load(
         raise ValueError(f"{path} has no {missing[0]}/ (it has {present})")
     return {
         c: diffusers_io.load_component(
-            path, c, dtype=dtype, param_dtype=param_dtype, sharding=sharding, variant=variant
+            path,
+            c,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            sharding=sharding,
+            variant=variant,
+            progress=progress,
         )
         for c in wanted
     }
@@ -78,17 +90,20 @@ def save(
     dtype: Any = None,
     max_shard_bytes: int | None = None,
     copy_from: str | Path | None = None,
+    progress: bool = False,
 ) -> None:
     """Write ``models`` as a diffusers folder or one single file (sgm layout)."""
     out = Path(out)
     if fmt == "single-file":
         out.parent.mkdir(parents=True, exist_ok=True)
-        single_file.save_single_file(models, out, dtype)
+        single_file.save_single_file(models, out, dtype, progress)
         return
     if fmt != "diffusers":
         raise ValueError(f"unknown format {fmt!r}: use diffusers or single-file")
     for name, module in models.items():
-        diffusers_io.save_component(module, out, name, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        diffusers_io.save_component(
+            module, out, name, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress
+        )
     src = Path(copy_from) if copy_from else None
     if src is not None and src.is_dir():
         for side in SIDE_FOLDERS:

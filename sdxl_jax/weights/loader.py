@@ -14,6 +14,7 @@ from typing import Protocol
 import jax
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from sdxl_jax.weights.mapping import NameRules, ParamEntry, param_entries
 from sdxl_jax.weights.safetensors_io import TensorSpec
@@ -114,11 +115,13 @@ def load_module(
     *,
     component: str,
     sharding: ShardingFn | None = None,
+    progress: bool = False,
 ) -> nnx.Module:
     """Fill an abstract module (from ``nnx.eval_shape``) with tensors from ``source``.
 
     Each parameter is created in the dtype the abstract module declares (its ``param_dtype``) and
     placed with ``sharding(path, var)`` (one device by default), one shard at a time.
+    ``progress`` shows a bar (bytes, rate, ETA) on stderr.
     """
     sharding = sharding or default_sharding
     source = with_optional_prefix(source, rules)
@@ -127,6 +130,10 @@ def load_module(
     graphdef, state = nnx.split(abstract)
     by_path = {e.path: e for e in entries}
     flat = []
+    total = sum(int(np.prod(e.shape, dtype=np.int64)) * np.dtype(e.dtype).itemsize for e in entries)
+    bar = tqdm(
+        total=total, unit="B", unit_scale=True, desc=f"loading {component}", disable=not progress
+    )
     for path, var in nnx.to_flat_state(state):
         e = by_path.get(tuple(path))
         if e is None:  # a non-parameter variable: keep as created
@@ -142,26 +149,39 @@ def load_module(
         value = jax.make_array_from_callback(
             arr.shape, sharding(path, var), lambda idx, a=arr: a[idx]
         )
+        bar.update(arr.nbytes)
         del arr
         flat.append((path, var.replace(value)))
+    bar.close()
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def export_tensors(
     module: nnx.Module, rules: NameRules, dtype: np.dtype | None = None
 ) -> dict[str, TensorSpec]:
-    """Our parameters as reference-named tensors, each converted only when it is written."""
+    """Our parameters as reference-named tensors, each converted only when it is written.
+
+    A stacked parameter is fetched to the host once for all its layers (tensors are written in
+    order, so a one-entry cache suffices), not once per layer.
+    """
     out: dict[str, TensorSpec] = {}
     params = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    host: dict[tuple, np.ndarray] = {}
+
+    def fetch(e: ParamEntry) -> np.ndarray:
+        if e.path not in host:
+            host.clear()
+            host[e.path] = np.asarray(params[e.path].get_value())
+        return host[e.path]
+
     for e in param_entries(module, rules):
-        var = params[e.path]
-        dt = np.dtype(dtype or var.dtype)
+        dt = np.dtype(dtype or params[e.path].dtype)
         for i, k in enumerate(e.keys):
 
-            def produce(var=var, e=e, i=i, dt=dt) -> np.ndarray:
-                v = var.get_value()
+            def produce(e=e, i=i, dt=dt) -> np.ndarray:
+                v = fetch(e)
                 v = v[i] if e.stacked else v
-                return np.ascontiguousarray(e.to_ref(np.asarray(v))).astype(dt, copy=False)
+                return np.ascontiguousarray(e.to_ref(v)).astype(dt, copy=False)
 
             out[k] = TensorSpec(e.ref_shape, dt, produce)
     return out

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from tqdm.auto import tqdm
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -107,6 +108,7 @@ def write_safetensors(
     path: str | os.PathLike,
     tensors: Mapping[str, TensorSpec],
     metadata: Mapping[str, str] | None = None,
+    progress: bool = False,
 ) -> None:
     """Write tensors one by one (each produced just before it is written), atomically."""
     header: dict[str, object] = {}
@@ -126,7 +128,14 @@ def write_safetensors(
     blob += b" " * (-len(blob) % 8)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    bar = tqdm(
+        total=offset,
+        unit="B",
+        unit_scale=True,
+        desc=f"writing {path.parent.name}/{path.name}",
+        disable=not progress,
+    )
+    with open(tmp, "wb") as f, bar:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for key, spec in tensors.items():
@@ -134,6 +143,7 @@ def write_safetensors(
             if tuple(arr.shape) != tuple(spec.shape):
                 raise ValueError(f"tensor {key!r}: produced {arr.shape}, declared {spec.shape}")
             f.write(arr.reshape(-1).view(np.uint8).data)  # raw bytes, no copy (bf16 too)
+            bar.update(arr.nbytes)
     os.replace(tmp, path)
 
 
@@ -143,6 +153,7 @@ def write_sharded(
     tensors: Mapping[str, TensorSpec],
     max_shard_bytes: int | None = None,
     metadata: Mapping[str, str] | None = None,
+    progress: bool = False,
 ) -> list[str]:
     """Write ``<stem>.safetensors``, or shards plus ``<stem>.safetensors.index.json`` (HF)."""
     folder = Path(folder)
@@ -157,12 +168,12 @@ def write_sharded(
         size += spec.nbytes
     if len(shards) == 1:
         name = f"{stem}.safetensors"
-        write_safetensors(folder / name, shards[0], metadata)
+        write_safetensors(folder / name, shards[0], metadata, progress)
         return [name]
     names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards, strict=True):
-        write_safetensors(folder / name, shard, metadata)
+        write_safetensors(folder / name, shard, metadata, progress)
         weight_map.update({k: name for k in shard})
     total = sum(s.nbytes for s in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

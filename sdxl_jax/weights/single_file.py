@@ -182,6 +182,7 @@ def load_single_file(
     param_dtype: Any = jnp.float32,
     sharding: ShardingFn | None = None,
     configs: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> dict[str, nnx.Module]:
     """Load the components of a single-file SDXL checkpoint (base or refiner, detected).
 
@@ -203,7 +204,9 @@ def load_single_file(
         rules = comp.name_rules(config)
         keys = [k for e in param_entries(abstract, rules) for k in e.keys]
         source = SgmSource(file, name, layout.prefixes[name], config, keys)
-        out[name] = load_module(abstract, source, rules, component=name, sharding=sharding)
+        out[name] = load_module(
+            abstract, source, rules, component=name, sharding=sharding, progress=progress
+        )
     return out
 
 
@@ -254,6 +257,8 @@ def single_file_tensors(models: dict[str, nnx.Module], dtype: Any = None) -> dic
     return out
 
 
-def save_single_file(models: dict[str, nnx.Module], path: str | Path, dtype: Any = None) -> None:
+def save_single_file(
+    models: dict[str, nnx.Module], path: str | Path, dtype: Any = None, progress: bool = False
+) -> None:
     """Write components as one sgm-layout safetensors file (what A1111 / ComfyUI open)."""
-    write_safetensors(path, single_file_tensors(models, dtype), metadata={"format": "pt"})
+    write_safetensors(path, single_file_tensors(models, dtype), {"format": "pt"}, progress)
