@@ -152,7 +152,40 @@ def drop_page_cache(files: list[Path]) -> None:
 
 
 # -- step 2: load in a fresh process ---------------------------------------------------------
-def measure_load(workdir: Path, param_dtype: str) -> dict:
+def measure_export(workdir: Path, unet, param_dtype: str) -> dict:
+    """Export the loaded UNet as a diffusers folder, reload it and compare every parameter."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sdxl_jax.weights.diffusers_io import load_component, save_component
+
+    out = workdir / "export"
+    before = proc_status()["VmRSS"]
+    sampler = RssSampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    save_component(unet, out, "unet", max_shard_bytes=int(5 * GB))
+    seconds = time.perf_counter() - t0
+    peak = sampler.stop()
+    t0 = time.perf_counter()
+    again = load_component(out, "unet", param_dtype=DTYPES[param_dtype], dtype=jnp.float32)
+    reload_seconds = time.perf_counter() - t0
+    a = dict(nnx.to_flat_state(nnx.state(unet, nnx.Param)))
+    b = dict(nnx.to_flat_state(nnx.state(again, nnx.Param)))
+    exact = a.keys() == b.keys() and all(
+        bool(jax.numpy.array_equal(a[k].get_value(), b[k].get_value())) for k in a
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "export_seconds": seconds,
+        "export_extra_rss": peak - before,
+        "reload_seconds": reload_seconds,
+        "bit_exact": exact,
+    }
+
+
+def measure_load(workdir: Path, param_dtype: str, export: bool = False) -> dict:
     """Runs in the subprocess: baseline, then ``load_component`` with RSS sampled throughout."""
     import jax
     import jax.numpy as jnp
@@ -177,7 +210,7 @@ def measure_load(workdir: Path, param_dtype: str) -> dict:
     seconds = time.perf_counter() - t0
     sampled = sampler.stop()
     leaves = jax.tree.leaves(params)
-    return {
+    result = {
         "param_count": sum(int(x.size) for x in leaves),
         "param_bytes": sum(int(x.nbytes) for x in leaves),
         "baseline_rss": base,
@@ -188,10 +221,14 @@ def measure_load(workdir: Path, param_dtype: str) -> dict:
         "seconds": seconds,
         "backend": jax.default_backend(),
     }
+    if export:
+        result.update(measure_export(workdir, unet, param_dtype))
+    return result
 
 
-def run_child(workdir: Path, param_dtype: str) -> dict:
+def run_child(workdir: Path, param_dtype: str, export: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--measure-load", str(workdir), "--param-dtype", param_dtype]
+    cmd += ["--export"] if export else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.stderr.write(proc.stdout + proc.stderr)
@@ -219,6 +256,13 @@ def report(r: dict, file_bytes: int, args: argparse.Namespace) -> str:
         ("load time (load_component + block)", f"{r['seconds']:.1f} s"),
         ("throughput", f"{file_bytes / r['seconds'] / GB:.2f} GB/s of file"),
     ]
+    if "export_seconds" in r:
+        rows += [
+            ("export to diffusers (save_component)", f"{r['export_seconds']:.1f} s"),
+            ("export: RSS above the loaded model", f"{r['export_extra_rss'] / GB:.3f} GB"),
+            ("re-import of the export", f"{r['reload_seconds']:.1f} s"),
+            ("import -> export -> import bit-exact", str(r["bit_exact"])),
+        ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
     cache = "cold" if args.cold else "warm"
@@ -260,12 +304,18 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="evict the checkpoint from the page cache before loading",
     )
+    p.add_argument(
+        "--export",
+        action="store_true",
+        help="also export the loaded UNet to a diffusers folder, re-import it and check that "
+        "every parameter is bit-identical (needs twice the parameter memory)",
+    )
     p.add_argument("--measure-load", type=Path, help=argparse.SUPPRESS)  # the subprocess's entry
     args = p.parse_args(argv)
     args.param_dtype = args.param_dtype or args.dtype
 
     if args.measure_load:
-        print(json.dumps(measure_load(args.measure_load, args.param_dtype)))
+        print(json.dumps(measure_load(args.measure_load, args.param_dtype, args.export)))
         return
 
     if args.reuse and not args.workdir:
@@ -306,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
             f"page cache) ...",
             flush=True,
         )
-        r = run_child(workdir, args.param_dtype)
+        r = run_child(workdir, args.param_dtype, args.export)
         print(f"backend: {r['backend']}")
         line = report(r, size, args)
         print(
