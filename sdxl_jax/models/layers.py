@@ -234,11 +234,3 @@ def scan_apply(
         return body(layer, h)
 
     return run(stack, x)
-
-
-def stack_depth(stack: nnx.Module) -> int:
-    """Number of layers in a :func:`stacked` module."""
-    for _, var in nnx.iter_graph(stack):
-        if isinstance(var, nnx.Param):
-            return var.shape[0]
-    raise ValueError("stack has no parameters")
