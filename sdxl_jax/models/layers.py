@@ -234,3 +234,63 @@ def scan_apply(
         return body(layer, h)
 
     return run(stack, x)
+
+
+class ResnetBlock2D(nnx.Module):
+    """GroupNorm-SiLU-conv3x3 (+ projected time embedding when ``temb`` is set), GroupNorm-SiLU-
+    conv3x3, residual through a 1x1 conv when the width changes. diffusers' ``ResnetBlock2D``;
+    the UNet's has a time embedding, the VAE's none."""
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        temb: int | None,
+        groups: int,
+        eps: float,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype,
+        param_dtype: Dtype,
+    ):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = group_norm(cin, groups, eps, **kw)
+        self.conv1 = conv(cin, cout, 3, **kw)
+        self.time_emb_proj = linear(temb, cout, (None, "conv_out"), **kw) if temb else None
+        self.norm2 = group_norm(cout, groups, eps, **kw)
+        self.conv2 = conv(cout, cout, 3, **kw)
+        self.conv_shortcut = conv(cin, cout, 1, **kw) if cin != cout else None
+
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:  # [B, H, W, C]
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Downsample2D(nnx.Module):
+    """Stride-2 conv3x3. UNet: symmetric padding 1; VAE: ``((0, 1), (0, 1))`` (bottom/right)."""
+
+    def __init__(
+        self, ch: int, padding: Any = "SAME_TORCH", *, rngs: nnx.Rngs, dtype: Dtype,
+        param_dtype: Dtype,
+    ):  # fmt: skip
+        self.conv = conv(
+            ch, ch, 3, stride=2, padding=padding, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+    """Nearest-neighbour 2x, then conv3x3."""
+
+    def __init__(self, ch: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+        self.conv = conv(ch, ch, 3, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))

@@ -309,38 +309,6 @@ class TimestepEmbedding(nnx.Module):
         return self.linear_2(jax.nn.silu(self.linear_1(x)))
 
 
-class ResnetBlock2D(nnx.Module):
-    """GroupNorm-SiLU-conv, plus the projected time embedding, GroupNorm-SiLU-conv, residual."""
-
-    def __init__(
-        self,
-        cin: int,
-        cout: int,
-        temb: int,
-        groups: int,
-        eps: float,
-        *,
-        rngs: nnx.Rngs,
-        dtype: Dtype,
-        param_dtype: Dtype,
-    ):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.norm1 = layers.group_norm(cin, groups, eps, **kw)
-        self.conv1 = layers.conv(cin, cout, 3, **kw)
-        self.time_emb_proj = layers.linear(temb, cout, (None, "conv_out"), **kw)
-        self.norm2 = layers.group_norm(cout, groups, eps, **kw)
-        self.conv2 = layers.conv(cout, cout, 3, **kw)
-        self.conv_shortcut = layers.conv(cin, cout, 1, **kw) if cin != cout else None
-
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:  # x [B, H, W, C]
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
-
-
 class Attention(nnx.Module):
     """Multi-head attention: q/k/v without bias, output projection with bias."""
 
@@ -456,25 +424,6 @@ class Transformer2DModel(nnx.Module):
         return x + self.proj_out(y).reshape(b, h, w, c)
 
 
-class Downsample2D(nnx.Module):
-    def __init__(self, ch: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
-        self.conv = layers.conv(
-            ch, ch, 3, stride=2, rngs=rngs, dtype=dtype, param_dtype=param_dtype
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(x)
-
-
-class Upsample2D(nnx.Module):
-    def __init__(self, ch: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
-        self.conv = layers.conv(ch, ch, 3, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour 2x
-        return self.conv(x)
-
-
 def level_attentions(
     cfg: UNetConfig, level: int, dim: int, n: int, kw: dict[str, Any]
 ) -> nnx.List | None:
@@ -507,10 +456,13 @@ class DownBlock(nnx.Module):
         g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
         n = cfg.layers_per_block[level]
         self.resnets = nnx.List(
-            [ResnetBlock2D(cin if j == 0 else cout, cout, temb, g, eps, **kw) for j in range(n)]
+            [
+                layers.ResnetBlock2D(cin if j == 0 else cout, cout, temb, g, eps, **kw)
+                for j in range(n)
+            ]
         )
         self.attentions = level_attentions(cfg, level, cout, n, kw)
-        self.downsamplers = nnx.List([Downsample2D(cout, **kw)]) if add_downsample else None
+        self.downsamplers = nnx.List([layers.Downsample2D(cout, **kw)]) if add_downsample else None
 
     def __call__(
         self, x: jax.Array, temb: jax.Array, context: jax.Array
@@ -551,10 +503,10 @@ class UpBlock(nnx.Module):
         for j in range(n):
             skip = cin if j == n - 1 else cout
             x_in = cprev if j == 0 else cout
-            resnets.append(ResnetBlock2D(x_in + skip, cout, temb, g, eps, **kw))
+            resnets.append(layers.ResnetBlock2D(x_in + skip, cout, temb, g, eps, **kw))
         self.resnets = nnx.List(resnets)
         self.attentions = level_attentions(cfg, level, cout, n, kw)
-        self.upsamplers = nnx.List([Upsample2D(cout, **kw)]) if add_upsample else None
+        self.upsamplers = nnx.List([layers.Upsample2D(cout, **kw)]) if add_upsample else None
 
     def __call__(
         self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array
@@ -575,7 +527,7 @@ class MidBlock(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         c = cfg.block_out_channels[-1]
         g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
-        self.resnets = nnx.List([ResnetBlock2D(c, c, temb, g, eps, **kw) for _ in range(2)])
+        self.resnets = nnx.List([layers.ResnetBlock2D(c, c, temb, g, eps, **kw) for _ in range(2)])
         self.attentions = nnx.List(
             [Transformer2DModel(c, cfg.num_heads[-1], cfg.mid_transformer_depth, cfg, **kw)]
         )

@@ -148,25 +148,6 @@ class VAEConfig:
         return d
 
 
-class ResnetBlock2D(nnx.Module):
-    def __init__(
-        self, cin: int, cout: int, groups: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype
-    ):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.norm1 = layers.group_norm(cin, groups, EPS, **kw)
-        self.conv1 = layers.conv(cin, cout, 3, **kw)
-        self.norm2 = layers.group_norm(cout, groups, EPS, **kw)
-        self.conv2 = layers.conv(cout, cout, 3, **kw)
-        self.conv_shortcut = layers.conv(cin, cout, 1, **kw) if cin != cout else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.conv1(nnx.silu(self.norm1(x)))
-        h = self.conv2(nnx.silu(self.norm2(h)))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
-
-
 class Attention(nnx.Module):
     """Single-head self-attention over all H*W positions, residual (diffusers ``Attention``)."""
 
@@ -193,7 +174,7 @@ class UNetMidBlock2D(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         c, g = cfg.block_out_channels[-1], cfg.norm_num_groups
-        self.resnets = nnx.List([ResnetBlock2D(c, c, g, **kw) for _ in range(2)])
+        self.resnets = nnx.List([layers.ResnetBlock2D(c, c, None, g, EPS, **kw) for _ in range(2)])
         self.attentions = nnx.List([Attention(c, g, **kw)] if cfg.mid_block_add_attention else [])
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -201,38 +182,6 @@ class UNetMidBlock2D(nnx.Module):
         for attn in self.attentions:
             x = attn(x)
         return self.resnets[1](x)
-
-
-class Downsample2D(nnx.Module):
-    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
-        # Pad one row/column at the bottom/right only (diffusers' padding=0 + F.pad (0,1,0,1)).
-        self.conv = layers.conv(
-            channels,
-            channels,
-            3,
-            stride=2,
-            padding=((0, 1), (0, 1)),
-            rngs=rngs,
-            dtype=dtype,
-            param_dtype=param_dtype,
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(x)
-
-
-class Upsample2D(nnx.Module):
-    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
-        self.conv = layers.conv(
-            channels, channels, 3, rngs=rngs, dtype=dtype, param_dtype=param_dtype
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape
-        x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(
-            b, 2 * h, 2 * w, c
-        )
-        return self.conv(x)
 
 
 class DownEncoderBlock2D(nnx.Module):
@@ -251,11 +200,13 @@ class DownEncoderBlock2D(nnx.Module):
         g = cfg.norm_num_groups
         self.resnets = nnx.List(
             [
-                ResnetBlock2D(cin if j == 0 else cout, cout, g, **kw)
+                layers.ResnetBlock2D(cin if j == 0 else cout, cout, None, g, EPS, **kw)
                 for j in range(cfg.layers_per_block)
             ]
         )
-        self.downsamplers = nnx.List([Downsample2D(cout, **kw)] if downsample else [])
+        self.downsamplers = nnx.List(
+            [layers.Downsample2D(cout, ((0, 1), (0, 1)), **kw)] if downsample else []
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for block in (*self.resnets, *self.downsamplers):
@@ -279,11 +230,11 @@ class UpDecoderBlock2D(nnx.Module):
         g = cfg.norm_num_groups
         self.resnets = nnx.List(
             [
-                ResnetBlock2D(cin if j == 0 else cout, cout, g, **kw)
+                layers.ResnetBlock2D(cin if j == 0 else cout, cout, None, g, EPS, **kw)
                 for j in range(cfg.layers_per_block + 1)
             ]
         )
-        self.upsamplers = nnx.List([Upsample2D(cout, **kw)] if upsample else [])
+        self.upsamplers = nnx.List([layers.Upsample2D(cout, **kw)] if upsample else [])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for block in (*self.resnets, *self.upsamplers):
