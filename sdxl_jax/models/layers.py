@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Dtype = Any
@@ -214,26 +215,18 @@ def scan_apply(
     ``lax.scan``'s (``True`` unrolls fully: XLA's cost analysis then counts every layer).
     """
 
-    def body(layer: nnx.Module, h: jax.Array) -> jax.Array:
-        return layer(h, *args)
+    # Plain lax.scan over the split state (not nnx.scan): the stack may be called inside
+    # other traced loops (a sampler's fori_loop) whose weights come from an outer trace.
+    graph, state = nnx.split(stack)
+
+    def body(h: jax.Array, layer_state: Any) -> tuple[jax.Array, jax.Array | None]:
+        h = nnx.merge(graph, layer_state)(h, *args)
+        return h, (h if collect else None)
 
     if remat:
-        body = nnx.remat(body)
-
-    if collect:
-
-        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0), unroll=unroll)
-        def run_all(layer: nnx.Module, h: jax.Array) -> tuple[jax.Array, jax.Array]:
-            h = body(layer, h)
-            return h, h
-
-        return run_all(stack, x)
-
-    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, unroll=unroll)
-    def run(layer: nnx.Module, h: jax.Array) -> jax.Array:
-        return body(layer, h)
-
-    return run(stack, x)
+        body = jax.checkpoint(body)
+    h, per_layer = jax.lax.scan(body, x, state, unroll=unroll)
+    return (h, per_layer) if collect else h
 
 
 class ResnetBlock2D(nnx.Module):
@@ -292,5 +285,12 @@ class Upsample2D(nnx.Module):
     def __init__(self, ch: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
         self.conv = conv(ch, ch, 3, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        """``size``: the output height and width when not exactly 2x (odd skip sizes)."""
+        h, w = x.shape[1:3]
+        if size is None or tuple(size) == (2 * h, 2 * w):
+            return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+        # PyTorch's "nearest": source index floor(i * in / out).
+        rows = (np.arange(size[0]) * h) // size[0]
+        cols = (np.arange(size[1]) * w) // size[1]
+        return self.conv(x[:, rows][:, :, cols])

@@ -516,7 +516,8 @@ class UpBlock(nnx.Module):
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
+            # The next level's skip sets the size: latents need not divide by 2^levels.
+            x = self.upsamplers[0](x, skips[-1].shape[1:3])
         return x
 
 

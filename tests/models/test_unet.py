@@ -60,9 +60,9 @@ def reference_unet(cfg: UNetConfig, seed: int = 0) -> RefUNet:
     return ref.eval()
 
 
-def inputs(cfg: UNetConfig, n_ids: int, pooled: int, seed: int = 0):
+def inputs(cfg: UNetConfig, n_ids: int, pooled: int, seed: int = 0, size=(16, 16)):
     rng = np.random.default_rng(seed)
-    sample = rng.standard_normal((2, cfg.in_channels, 16, 16)).astype(np.float32)
+    sample = rng.standard_normal((2, cfg.in_channels, *size)).astype(np.float32)
     t = np.array([7.0, 901.0], np.float32)
     ctx = rng.standard_normal((2, 5, cfg.cross_attention_dim)).astype(np.float32)
     text = rng.standard_normal((2, pooled)).astype(np.float32)
@@ -73,12 +73,12 @@ def inputs(cfg: UNetConfig, n_ids: int, pooled: int, seed: int = 0):
     return sample, t, ctx, text, ids
 
 
-def run_both(cfg: UNetConfig, tmp_path, n_ids: int):
+def run_both(cfg: UNetConfig, tmp_path, n_ids: int, size=(16, 16)):
     pooled = cfg.projection_class_embeddings_input_dim - n_ids * cfg.addition_time_embed_dim
     ref = reference_unet(cfg)
     ref.save_pretrained(tmp_path / "unet")
     ours = load_component(tmp_path, "unet")
-    sample, t, ctx, text, ids = inputs(cfg, n_ids, pooled)
+    sample, t, ctx, text, ids = inputs(cfg, n_ids, pooled, size=size)
     with torch.no_grad():
         want = ref(
             torch.from_numpy(sample),
@@ -103,6 +103,14 @@ def test_unet_matches_diffusers(name, n_ids, tmp_path):
     err = np.abs(got - want).max()
     print(f"{name}: max abs error {err:.3g}, scale {scale:.3g}")
     assert err <= RTOL * scale, f"max abs error {err:.3g} vs output scale {scale:.3g}"
+
+
+def test_latent_sizes_not_divisible_by_the_downsampling_match_diffusers(tmp_path):
+    # 13 x 10 latents (a 104 x 80 image): the 3-level UNet downsamples to 7x5 then 4x3, and
+    # upsampling must land on the skip sizes, as diffusers' forward_upsample_size does.
+    got, want, _ = run_both(CONFIGS["base"], tmp_path, 6, size=(13, 10))
+    assert got.shape == want.shape == (2, 4, 13, 10)
+    assert np.abs(got - want).max() <= RTOL * np.abs(want).max()
 
 
 def test_full_size_counts_and_keys_match_diffusers():

@@ -1,0 +1,137 @@
+"""Text and micro-conditioning for SDXL, shared by sampling and training.
+
+- Both CLIP tokenizers come from a checkpoint's ``tokenizer/`` and ``tokenizer_2/`` folders
+  (the second pads with "!" rather than the end token), truncating at 77 tokens.
+- Context: penultimate hidden states of CLIP-L (768) and OpenCLIP bigG (1280) concatenated,
+  2048 wide; the refiner uses bigG's alone. Pooled: bigG's projected end-token state.
+- Micro-conditioning (paper 2.2): [original h, w, crop top, left, target h, w] for the base,
+  [original h, w, crop top, left, aesthetic score] for the refiner.
+- Dropping the text (empty negative prompt on the base, guidance dropout in training) zeroes
+  context and pooled, keeping the size and crop conditioning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sdxl_jax.models.clip import CLIPTextModel
+
+MAX_TOKENS = 77
+TOKENIZER_FOLDERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """A CLIP tokenizer from a ``tokenizer/`` folder (vocab.json + merges.txt)."""
+    from transformers import CLIPTokenizer  # heavy import, only where needed
+
+    folder = Path(folder)
+    if not (folder / "vocab.json").exists() and not (folder / "tokenizer.json").exists():
+        raise FileNotFoundError(
+            f"{folder} holds no CLIP tokenizer (vocab.json + merges.txt). Single-file "
+            f"checkpoints carry none: pass --tokenizers DIR, a diffusers SDXL folder that has "
+            f"tokenizer/ and tokenizer_2/."
+        )
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def tokenize(tokenizer: Any, prompts: Sequence[str]) -> tuple[np.ndarray, int]:
+    """Token ids [B, 77] int32 padded with the tokenizer's pad token, and how many prompts
+    were longer than 77 tokens (truncated, as SDXL was trained)."""
+    max_len = min(int(tokenizer.model_max_length), MAX_TOKENS)
+    full = tokenizer(list(prompts), truncation=False)["input_ids"]
+    truncated = sum(len(ids) > max_len for ids in full)
+    ids = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=max_len,
+        truncation=True,
+        return_tensors="np",
+    )["input_ids"]
+    return ids.astype(np.int32), truncated
+
+
+@dataclasses.dataclass
+class TextEncoders:
+    """The frozen text encoders of one stage: (CLIP-L, bigG) for the base, (None, bigG) for
+    the refiner; with their tokenizers."""
+
+    clip_l: CLIPTextModel | None
+    clip_g: CLIPTextModel
+    tokenizer_l: Any | None
+    tokenizer_g: Any
+
+    def tokenize(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Both tokenizations as a dict of [B, 77] int32 (keys ``ids_l`` and ``ids_g``)."""
+        out = {}
+        n_trunc = 0
+        if self.clip_l is not None:
+            out["ids_l"], n_trunc = tokenize(self.tokenizer_l, prompts)
+        out["ids_g"], n2 = tokenize(self.tokenizer_g, prompts)
+        n_trunc = max(n_trunc, n2)
+        if n_trunc:
+            warnings.warn(
+                f"{n_trunc} prompt(s) are longer than {MAX_TOKENS} tokens and were truncated",
+                stacklevel=2,
+            )
+        return out
+
+
+def encode_text(
+    clip_l: CLIPTextModel | None, clip_g: CLIPTextModel, ids: dict[str, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    """(context [B, 77, D_l + D_g], pooled [B, P]) from token ids; traceable."""
+    g = clip_g(ids["ids_g"])
+    if g.text_embeds is None:
+        raise ValueError("the second text encoder needs a text projection (pooled embedding)")
+    context = g.penultimate
+    if clip_l is not None:
+        context = jnp.concatenate([clip_l(ids["ids_l"]).penultimate, context], axis=-1)
+    return context.astype(jnp.float32), g.text_embeds.astype(jnp.float32)
+
+
+def drop_text(
+    context: jax.Array, pooled: jax.Array, drop: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Zero the text conditioning where ``drop`` [B] is true (guidance dropout, empty prompt)."""
+    keep = (~drop).astype(context.dtype)
+    return context * keep[:, None, None], pooled * keep[:, None]
+
+
+def base_time_ids(
+    original_size: Sequence[int] | np.ndarray,
+    crop_top_left: Sequence[int] | np.ndarray,
+    target_size: Sequence[int] | np.ndarray,
+) -> np.ndarray:
+    """[..., 6] float32: original (h, w), crop (top, left), target (h, w)."""
+    parts = np.broadcast_arrays(
+        np.asarray(original_size, np.float32),
+        np.asarray(crop_top_left, np.float32),
+        np.asarray(target_size, np.float32),
+    )
+    return np.concatenate(parts, axis=-1)
+
+
+def refiner_time_ids(
+    original_size: Sequence[int] | np.ndarray,
+    crop_top_left: Sequence[int] | np.ndarray,
+    aesthetic_score: float | np.ndarray,
+) -> np.ndarray:
+    """[..., 5] float32: original (h, w), crop (top, left), aesthetic score."""
+    size = np.asarray(original_size, np.float32)
+    crop = np.broadcast_to(np.asarray(crop_top_left, np.float32), size.shape)
+    score = np.broadcast_to(np.asarray(aesthetic_score, np.float32), size.shape[:-1])[..., None]
+    return np.concatenate([size, crop, score], axis=-1)
+
+
+def split_encoders(models: dict[str, nnx.Module]) -> tuple[Any, Any]:
+    """(clip_l or None, clip_g) from loaded components; refiner checkpoints lack CLIP-L."""
+    return models.get("text_encoder"), models["text_encoder_2"]
