@@ -5,3 +5,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """Tiny random SDXL base and refiner saved by diffusers: (base_dir, refiner_dir)."""
+    from tests.diffusion.tiny_pipelines import build_both
+
+    return build_both(tmp_path_factory.mktemp("tiny_sdxl"))
