@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from sdxl_jax.models.clip import CLIPTextModel
 
@@ -130,8 +129,3 @@ def refiner_time_ids(
     crop = np.broadcast_to(np.asarray(crop_top_left, np.float32), size.shape)
     score = np.broadcast_to(np.asarray(aesthetic_score, np.float32), size.shape[:-1])[..., None]
     return np.concatenate([size, crop, score], axis=-1)
-
-
-def split_encoders(models: dict[str, nnx.Module]) -> tuple[Any, Any]:
-    """(clip_l or None, clip_g) from loaded components; refiner checkpoints lack CLIP-L."""
-    return models.get("text_encoder"), models["text_encoder_2"]
