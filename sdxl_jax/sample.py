@@ -186,7 +186,9 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
 
     sampler = args.sampler or default_sampler(base.path)
     n_images = len(prompts) * args.num_images
-    kw = dict(spacing=args.spacing, karras=args.karras)
+    # The checkpoint's scheduler may ask for Karras sigmas (diffusers honours it; so do we).
+    karras = args.karras or (base.schedule.use_karras_sigmas and sampler in KARRAS_SAMPLERS)
+    kw = dict(spacing=args.spacing, karras=karras)
     try:
         strength = args.strength if image is not None else None
         end = args.handoff if refiner else None
@@ -220,6 +222,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         width=width,
         factor=factor,
         sampler=sampler,
+        karras=karras,
         plans=plans,
         image=image,
         noise=noise,
@@ -345,7 +348,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             params = dict(
                 index=i, prompt=prompt, negative_prompt=negative, image_of_prompt=k,
                 seed=args.seed, noise=args.noise, height=h, width=w, steps=args.steps,
-                sampler=v["sampler"], karras=args.karras, guidance=args.guidance,
+                sampler=v["sampler"], karras=v["karras"], guidance=args.guidance,
                 checkpoint=str(args.checkpoint), refiner=args.refiner,
                 handoff=args.handoff if args.refiner else None,
                 init_image=args.init_image, strength=args.strength if args.init_image else None,

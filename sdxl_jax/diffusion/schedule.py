@@ -23,6 +23,19 @@ SPACINGS = ("leading", "trailing", "linspace")
 # Samplers whose state is variance preserving (diffusers: init_noise_sigma == 1).
 VP_SAMPLERS = ("ddim", "dpmpp_2m")
 KARRAS_SAMPLERS = ("euler", "dpmpp_2m")
+# diffusers scheduler settings that change sampling, with the only value implemented here.
+UNSUPPORTED_SCHEDULER_SETTINGS = {
+    "interpolation_type": "linear",
+    "timestep_type": "discrete",
+    "final_sigmas_type": "zero",
+    "rescale_betas_zero_snr": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "clip_sample": False,
+    "thresholding": False,
+    "set_alpha_to_one": False,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +49,7 @@ class NoiseSchedule:
     prediction_type: str = "epsilon"
     timestep_spacing: str = "leading"
     steps_offset: int = 1
+    use_karras_sigmas: bool = False
 
     def __post_init__(self) -> None:
         if self.beta_schedule not in ("scaled_linear", "linear"):
@@ -56,6 +70,15 @@ class NoiseSchedule:
         """From a diffusers ``scheduler_config.json`` (any of its scheduler classes)."""
         if d.get("trained_betas") is not None:
             raise ValueError("scheduler config has trained_betas; sdxl_jax needs a beta_schedule")
+        changed = {
+            k: d[k] for k, ok in UNSUPPORTED_SCHEDULER_SETTINGS.items() if k in d and d[k] != ok
+        }
+        if changed:
+            raise ValueError(
+                f"scheduler_config.json sets {changed}, which sdxl_jax's samplers do not "
+                f"implement (they would sample differently from diffusers); supported values: "
+                f"{ {k: UNSUPPORTED_SCHEDULER_SETTINGS[k] for k in changed} }"
+            )
         keys = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in keys})
 
@@ -191,6 +214,11 @@ def plan(
 
     if sampler == "ddim":
         t = schedule.timesteps(steps, spacing).round()
+        if t.max() >= n_train:
+            raise ValueError(
+                f"{steps} {spacing} DDIM steps reach t = {int(t.max())} >= {n_train}: use fewer "
+                f"steps or trailing/linspace spacing"
+            )
         prev = t - n_train // steps
         sigma = all_sigmas[t.astype(int)]
         # DDIM steps to t - T // steps; below 0 to alpha_bar[0] (set_alpha_to_one=False).
