@@ -119,9 +119,10 @@ class UNetConfig:
                     transformer_depth=(0, 1, 2),
                     mid_transformer_depth=2,
                     num_heads=(2, 2, 4),
-                    cross_attention_dim=48,
+                    # Fits CLIPTextConfig.tiny() + tiny_bigg(): context 64 + 64, pooled 48.
+                    cross_attention_dim=128,
                     addition_time_embed_dim=8,
-                    projection_class_embeddings_input_dim=32 + 6 * 8,
+                    projection_class_embeddings_input_dim=48 + 6 * 8,
                     norm_num_groups=8,
                     sample_size=16,
                 ),

@@ -56,7 +56,7 @@ def test_graph_size_does_not_grow_with_depth():
             jnp.zeros((1, 8, 8, 4)),
             jnp.zeros((1,)),
             jnp.zeros((1, 3, cfg.cross_attention_dim)),
-            jnp.zeros((1, 32)),
+            jnp.zeros((1, 48)),
             jnp.zeros((1, 6)),
         )
         sizes.append(count_eqns(jaxpr.jaxpr))
@@ -90,7 +90,7 @@ def tiny_inputs(cfg):
         jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32),
         jnp.array([3.0, 700.0]),
         jnp.asarray(rng.standard_normal((2, 5, cfg.cross_attention_dim)), jnp.float32),
-        jnp.asarray(rng.standard_normal((2, 32)), jnp.float32),
+        jnp.asarray(rng.standard_normal((2, 48)), jnp.float32),
         jnp.array([[64, 64, 0, 0, 64, 64]] * 2, jnp.float32),
     )
 
