@@ -313,7 +313,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     jobs = [(p, k) for p in v["prompts"] for k in range(args.num_images)]
     negative = args.negative_prompt
     plans = v["plans"]
-    key = jax.random.key(args.seed)
     records, images, batch_s = [], [], []
     bar = tqdm(total=len(jobs), unit="img", desc="sampling", file=sys.stderr)
     for start in range(0, len(jobs), batch):
@@ -325,21 +324,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             noise = v["noise"][full].transpose(0, 2, 3, 1)
         else:
             noise = pipeline.initial_noise(args.seed, full, shape)
-        bkey = jax.random.fold_in(key, start)
         negs = None if negative is None else [negative] * len(full)
         cond = base.conditioning(prompts, negs, h, w, args.guidance > 1)
         p = plans["base"]
         if v["image"] is not None:
             images_in = np.broadcast_to(v["image"], (len(full), *v["image"].shape))
-            x0 = vae.encode(np.ascontiguousarray(images_in), jax.random.fold_in(bkey, 1))
+            keys = pipeline.image_keys(args.seed, 0, full)
+            x0 = vae.encode(np.ascontiguousarray(images_in), keys)
             x = p.noised(np.asarray(x0), noise)
         else:
             x = noise * p.init_scale
-        x = base.denoise(np.asarray(x, np.float32), p, cond, args.guidance, bkey)
+        # Per-image keys for euler_a's fresh noise: an image does not depend on its batch.
+        keys = pipeline.image_keys(args.seed, 1, full)
+        x = base.denoise(np.asarray(x, np.float32), p, cond, args.guidance, keys)
         if refiner is not None:
             rcond = refiner.conditioning(prompts, negs, h, w, args.guidance > 1)
             x = refiner.denoise(
-                x, plans["refiner"], rcond, args.guidance, jax.random.fold_in(bkey, 2)
+                x, plans["refiner"], rcond, args.guidance, pipeline.image_keys(args.seed, 2, full)
             )
         imgs = vae.decode(x)[: len(idx)]
         batch_s.append(time.perf_counter() - t_batch)

@@ -303,20 +303,21 @@ class VAERunner:
             model = nnx.merge(graph, state)
             return model.decode(vae_lib.from_diffusion_latents(latents, config))
 
-        def encode(state, images, key):
+        def encode(state, images, keys):
             model = nnx.merge(graph, state)
             mean, logvar = model.encode(images)
-            z = vae_lib.sample_posterior(key, mean, logvar)
+            z = jax.vmap(vae_lib.sample_posterior)(keys, mean, logvar)  # one key per image
             return vae_lib.to_diffusion_latents(z, config)
 
         self._decode = jax.jit(decode)
         self._decode_float = jax.jit(decode_float)
         self._encode = jax.jit(encode)
 
-    def encode(self, images: np.ndarray, key: jax.Array) -> jax.Array:
-        """uint8 images [B, H, W, 3] -> diffusion-scale latents [B, H/8, W/8, 4]."""
+    def encode(self, images: np.ndarray, keys: jax.Array) -> jax.Array:
+        """uint8 images [B, H, W, 3] -> diffusion-scale latents [B, H/8, W/8, 4], sampling the
+        posterior with one key per image ([B] keys)."""
         x = images.astype(np.float32) / 127.5 - 1.0
-        return self._encode(self.state, shard_batch(x, self.mesh), key)
+        return self._encode(self.state, shard_batch(x, self.mesh), keys)
 
     def decode(self, latents: jax.Array) -> np.ndarray:
         """Diffusion-scale latents -> uint8 images [B, H, W, 3]."""
@@ -372,6 +373,12 @@ def initial_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]
     return np.stack(
         [np.asarray(jax.random.normal(jax.random.fold_in(base, k), shape)) for k in indices]
     )
+
+
+def image_keys(seed: int, stream: int, indices: Sequence[int]) -> jax.Array:
+    """[len(indices)] PRNG keys, image k's from (seed, stream, k): independent of batching."""
+    base = jax.random.fold_in(jax.random.key(seed), 0x5D1 + stream)
+    return jnp.stack([jax.random.fold_in(base, k) for k in indices])
 
 
 def latent_shape(height: int, width: int, vae_downscale: int, channels: int) -> tuple:

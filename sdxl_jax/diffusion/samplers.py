@@ -51,6 +51,15 @@ def euler(denoise: Denoiser, x: jax.Array, p: Arrays, key: jax.Array | None = No
     return jax.lax.fori_loop(0, p["t"].shape[0], body, x)
 
 
+def _noise(key: jax.Array, i: jax.Array, x: jax.Array) -> jax.Array:
+    """Step i's fresh noise: from one key, or from one key per sample ([B] keys), so that a
+    sample's noise does not depend on the batch it runs in."""
+    if key.ndim == 0:
+        return jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+    one = lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], x.dtype)  # noqa: E731
+    return jax.vmap(one)(key)
+
+
 def euler_ancestral(denoise: Denoiser, x: jax.Array, p: Arrays, key: jax.Array) -> jax.Array:
     """Euler ancestral (k-diffusion ``sample_euler_ancestral``, eta = 1).
 
@@ -58,7 +67,7 @@ def euler_ancestral(denoise: Denoiser, x: jax.Array, p: Arrays, key: jax.Array) 
     sigma_up^2 + sigma_down^2 = sigma_next^2 matches the DDPM posterior's variance.
     """
     if key is None:
-        raise ValueError("euler_a draws fresh noise each step: pass a PRNG key")
+        raise ValueError("euler_a draws fresh noise each step: pass a PRNG key (or [B] keys)")
 
     def body(i, x):
         s, s_next = p["sigma"][i], p["sigma_next"][i]
@@ -66,7 +75,7 @@ def euler_ancestral(denoise: Denoiser, x: jax.Array, p: Arrays, key: jax.Array) 
         up = jnp.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
         down = jnp.sqrt(s_next**2 - up**2)
         x = x + (x - x0) / s * (down - s)
-        return x + up * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        return x + up * _noise(key, i, x)
 
     return jax.lax.fori_loop(0, p["t"].shape[0], body, x)
 
