@@ -188,7 +188,9 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
         ValueError, match="lacks 'mid_block.attentions.0.transformer_blocks.1.attn2.to_k.weight'"
     ):
         load_component(tmp_path, "unet")
-    sd["mid_block.attentions.0.transformer_blocks.1.attn2.to_k.weight"] = torch.zeros(64, 48)
+    sd["mid_block.attentions.0.transformer_blocks.1.attn2.to_k.weight"] = torch.zeros(
+        64, cfg.cross_attention_dim
+    )
     sd["extra.weight"] = torch.zeros(3)
     save_file(sd, path)
     with pytest.raises(ValueError, match="holds 'extra.weight'"):
