@@ -200,3 +200,40 @@ def test_wrong_or_incomplete_checkpoints_are_named(tiny_sdxl, tmp_path, capsys):
         rc = sample.main([*map(str, args), "--prompt", "x", "--out", str(tmp_path / "o")])
         assert rc == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def sdxl_configs_only(tmp_path):
+    """A full-size SDXL base folder with config.json files and no weights at all."""
+    from sdxl_jax.models.clip import CLIPTextConfig
+    from sdxl_jax.models.unet import UNetConfig
+    from sdxl_jax.models.vae import VAEConfig
+
+    configs = {
+        "unet": UNetConfig.sdxl_base(),
+        "vae": VAEConfig.sdxl(),
+        "text_encoder": CLIPTextConfig.clip_l(),
+        "text_encoder_2": CLIPTextConfig.open_clip_bigg(),
+    }
+    for name, cfg in configs.items():
+        (tmp_path / "sdxl" / name).mkdir(parents=True)
+        (tmp_path / "sdxl" / name / "config.json").write_text(json.dumps(cfg.to_reference()))
+    return tmp_path / "sdxl"
+
+
+def test_full_size_arguments_are_checked_from_configs_alone(sdxl_configs_only, tmp_path):
+    def check(*extra):
+        return sample.validate(sample.parse_args(
+            ["--checkpoint", str(sdxl_configs_only), "--prompt", "x", "--out", str(tmp_path),
+             *map(str, extra)]
+        ))  # fmt: skip
+
+    v = check()  # no weights were needed to get this far
+    assert (v["height"], v["width"], v["sampler"]) == (1024, 1024, "euler")
+    assert v["plans"]["base"].t[0] == 981 and v["plans"]["base"].steps == 50  # diffusers' default
+    with pytest.warns(UserWarning, match="1000x1000 is not one of SDXL's training sizes"):
+        check("--height", 1000, "--width", 1000)
+    with pytest.raises(sample.UsageError, match="--width 1020 is not a positive multiple of 8"):
+        check("--width", 1020)
+    with pytest.raises(sample.UsageError, match="--refiner .* is an SDXL base, not a refiner"):
+        check("--refiner", sdxl_configs_only)
