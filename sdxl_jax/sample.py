@@ -69,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=SAMPLERS,
         help="default: the checkpoint's scheduler (SDXL ships Euler); the paper used ddim",
     )
-    g.add_argument("--karras", action="store_true", help=f"Karras sigmas ({KARRAS_SAMPLERS})")
+    g.add_argument(
+        "--karras", action="store_true", help=f"Karras sigmas (for {', '.join(KARRAS_SAMPLERS)})"
+    )
     g.add_argument("--spacing", choices=SPACINGS, help="timestep spacing (default: checkpoint's)")
     g.add_argument("--seed", type=int, default=0, help="image k uses noise fold_in(seed, k)")
     g.add_argument("--noise", help="initial latents .npy, float32 [N, 4, H/8, W/8] (diffusers)")
@@ -79,7 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.8,
         help="fraction of the noise schedule the base denoises before the refiner (0.8: t=200)",
     )
-    g.add_argument("--init-image", help="image-to-image: start from this image")
+    g.add_argument(
+        "--init-image",
+        help="image-to-image: start from this image (resized to --height/--width if given, "
+        "else cut down to a multiple of 8)",
+    )
     g.add_argument("--strength", type=float, default=0.3, help="img2img noise strength (0.3)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output folder")
