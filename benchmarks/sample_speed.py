@@ -45,23 +45,6 @@ DTYPES = ("bf16", "fp16", "fp32")
 SAMPLERS = ("euler", "euler_a", "ddim", "dpmpp_2m")
 TEXT_LEN = 77
 
-# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (EulerDiscrete).
-SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
 DIFFUSERS_SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
@@ -449,6 +432,8 @@ def run_diffusers(args: argparse.Namespace) -> dict[str, Any]:
 
     import diffusers
     import torch
+
+    from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG
 
     cfg = preset_configs(args.preset)
     for note in cfg["notes"]:

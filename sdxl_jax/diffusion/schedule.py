@@ -38,6 +38,28 @@ UNSUPPORTED_SCHEDULER_SETTINGS = {
 }
 
 
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (EulerDiscrete). The
+# keys Euler ignores (clip_sample, set_alpha_to_one) matter when diffusers builds another
+# scheduler from it: DDIMScheduler.from_config then gets SDXL's values, not DDIM's defaults.
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class NoiseSchedule:
     """The training noise schedule; SDXL's is ``scaled_linear`` 0.00085 -> 0.012 over 1000."""

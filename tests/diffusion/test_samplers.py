@@ -32,21 +32,9 @@ from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
 from sdxl_jax.diffusion import denoiser as dn
 from sdxl_jax.diffusion import samplers
-from sdxl_jax.diffusion.schedule import NoiseSchedule, plan
+from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, plan
 
 SCHEDULE = NoiseSchedule()
-SDXL_SCHEDULER_CONFIG = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "steps_offset": 1,
-    "set_alpha_to_one": False,
-    "clip_sample": False,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-    "interpolation_type": "linear",
-}
 # SDXL's sigma table in float64, from the closed form (scaled_linear betas), not from the code.
 _BETAS = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
 _ABAR = np.cumprod(1.0 - _BETAS)

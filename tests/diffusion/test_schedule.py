@@ -29,22 +29,8 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
 )
 
-from sdxl_jax.diffusion.schedule import NoiseSchedule, karras_sigmas, plan
+from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, karras_sigmas, plan
 
-# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (the keys that matter).
-SDXL_SCHEDULER_CONFIG = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "steps_offset": 1,
-    "set_alpha_to_one": False,
-    "clip_sample": False,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-    "interpolation_type": "linear",
-    "trained_betas": None,
-}
 SIGMA_RTOL = 5e-5
 T_ATOL = 1e-4
 T_ATOL_KARRAS = 5e-3

@@ -36,6 +36,8 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 VOCAB_SIZE = 49408
@@ -46,25 +48,6 @@ MAX_LENGTH = 77
 PAD_TOKEN_1 = EOS_TOKEN
 PAD_TOKEN_2 = "!"
 
-# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json. The DDIM/PNDM keys
-# (clip_sample, set_alpha_to_one, ...) are unused by Euler but are kept in the saved config, so
-# that e.g. ``DDIMScheduler.from_config`` gets SDXL's values rather than DDIM's defaults.
-SDXL_SCHEDULER_CONFIG: dict = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
 
 ADD_TIME_DIM = 8  # addition_time_embed_dim (256 in SDXL)
 TEXT1_WIDTH = 32  # text_encoder hidden size (768 in SDXL)
