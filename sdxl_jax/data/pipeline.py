@@ -1,0 +1,662 @@
+"""Grain input pipeline: one aspect bucket per global batch, each host reads its own slice.
+
+The order of the data is a pure function of ``(seed, step)``: for each epoch a *batch plan*
+(shuffle the records of each bucket, cut them into global batches, shuffle the batches) that
+every host computes alike without communicating. Global step ``s`` is batch
+``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``; process ``p`` of ``P`` reads rows
+``[p * B / P, (p + 1) * B / P)`` of it. So the global step is the whole iterator state: it is
+saved with orbax ``JsonSave`` beside the model and restores on any number of hosts.
+
+Random crops and flips draw from an rng seeded by ``(seed, step, position in the global batch)``,
+so they do not depend on the number of hosts or Grain workers either. Decoding, crop, flip and
+normalisation run in Grain worker processes (``num_workers=0``: in-process).
+
+Exact sequences depend on numpy's ``Generator.permutation`` (numpy is pinned).
+
+``python -m sdxl_jax.data.pipeline --data DIR --bucket-set S --global-batch B [--show N]``
+prints steps per epoch and the bucket histogram from the side index alone (no decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from sdxl_jax.data import buckets as buckets_lib
+from sdxl_jax.data import images
+
+INDEX_FILE = "sdxl_index.npz"
+STATE_FORMAT = "sdxl_jax.data.pipeline/1"
+REMAINDERS = ("drop", "repeat")
+MAX_REPLACEMENTS = 16
+
+# Domain tags keep the rng streams apart, e.g. (epoch 3, bucket 5) vs (step 3, position 5).
+_TAG_SHUFFLE, _TAG_ORDER, _TAG_CROP, _TAG_REPLACE = 0, 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What the pipeline reads and how. ``DataConfig(**config.data)`` from an ml_collections config.
+
+    remainder: what happens to the last, partial batch of a bucket in an epoch: "drop" it, or
+      "repeat" (fill it with records of the same bucket from the start of its shuffled order).
+    drop_small: leave out records smaller than their bucket in either side (they would be
+      upscaled); the side index decides, so the histogram shows them.
+    image_dtype: "float32" normalised to [-1, 1], or "uint8" (normalise on device; 4x less
+      host memory and inter-process traffic).
+    prefetch: batches buffered per worker process (and read-ahead in-process).
+    cache: a cache folder made by ``python -m sdxl_jax.data.cache`` for this dataset and bucket
+      set: batches then carry the stored latents and text embeddings instead of images (one
+      fixed crop per record; random_crop and flip do not apply).
+    """
+
+    path: str = ""
+    bucket_set: str = "sdxl_1024"
+    global_batch_size: int = 8
+    seed: int = 0
+    remainder: str = "drop"
+    random_crop: bool = True
+    flip: bool = False
+    num_workers: int = 0
+    prefetch: int = 2
+    read_threads: int = 4
+    drop_small: bool = False
+    image_dtype: str = "float32"
+    cache: str = ""
+
+    def __post_init__(self):
+        if self.remainder not in REMAINDERS:
+            raise ValueError(f"remainder={self.remainder!r}: use one of {REMAINDERS}")
+        if self.global_batch_size < 1:
+            raise ValueError(f"global_batch_size={self.global_batch_size}: must be >= 1")
+        if self.num_workers < 0 or self.prefetch < 1 or self.read_threads < 0:
+            raise ValueError("num_workers >= 0, prefetch >= 1 and read_threads >= 0 are needed")
+        if self.image_dtype not in ("float32", "uint8"):
+            raise ValueError(f"image_dtype={self.image_dtype!r}: use 'float32' or 'uint8'")
+
+
+# ----------------------------------------------------------------------------- batch plan
+
+
+def batch_plan(
+    buckets: np.ndarray, global_batch: int, *, seed: int, epoch: int, remainder: str = "drop"
+) -> list[tuple[int, np.ndarray]]:
+    """One epoch: ``[(bucket, record indices [global_batch])]`` in the order they are used.
+
+    ``buckets[i]`` is record i's bucket; -1 leaves it out. Each bucket's records are shuffled
+    with an rng from ``(seed, epoch, bucket)`` and cut into global batches; the order of all
+    batches is shuffled with an rng from ``(seed, epoch)``.
+    """
+    if remainder not in REMAINDERS:
+        raise ValueError(f"remainder={remainder!r}: use one of {REMAINDERS}")
+    buckets = np.asarray(buckets)
+    order = np.argsort(buckets, kind="stable")
+    order = order.astype(np.int32) if len(order) < 2**31 else order  # halves a plan's memory
+    sorted_buckets = buckets[order]
+    values, starts = np.unique(sorted_buckets, return_index=True)
+    plan = []
+    for b, members in zip(values, np.split(order, starts[1:]), strict=True):
+        if b < 0:
+            continue
+        members = np.random.default_rng((seed, _TAG_SHUFFLE, epoch, int(b))).permutation(members)
+        n_full, rest = divmod(len(members), global_batch)
+        for i in range(n_full):
+            plan.append((int(b), members[i * global_batch : (i + 1) * global_batch]))
+        if rest and remainder == "repeat":
+            fill = np.resize(members, global_batch - rest)  # cycles through the bucket
+            plan.append((int(b), np.concatenate([members[n_full * global_batch :], fill])))
+    batch_order = np.random.default_rng((seed, _TAG_ORDER, epoch)).permutation(len(plan))
+    return [plan[i] for i in batch_order]
+
+
+def plan_summary(buckets: np.ndarray, global_batch: int, *, remainder: str = "drop") -> dict:
+    """Records, batches, dropped and repeated records per bucket, and steps per epoch.
+
+    The counts do not depend on the shuffle, so this needs no plan.
+    """
+    buckets = np.asarray(buckets)
+    values, counts = np.unique(buckets[buckets >= 0], return_counts=True)
+    rows = []
+    for b, n in zip(values.tolist(), counts.tolist(), strict=True):
+        n_full, rest = divmod(n, global_batch)
+        repeat = remainder == "repeat" and rest > 0
+        rows.append(
+            {
+                "bucket": b,
+                "records": n,
+                "batches": n_full + int(repeat),
+                "dropped": 0 if repeat else rest,
+                "repeated": global_batch - rest if repeat else 0,
+            }
+        )
+    steps = sum(r["batches"] for r in rows)
+    return {
+        "global_batch": global_batch,
+        "remainder": remainder,
+        "buckets": rows,
+        "records": int(counts.sum()),
+        "steps_per_epoch": steps,
+        "records_per_epoch": steps * global_batch,
+        "dropped": sum(r["dropped"] for r in rows),
+        "repeated": sum(r["repeated"] for r in rows),
+    }
+
+
+class BatchSchedule:
+    """Global step -> (bucket, record indices [global_batch]); epochs computed on demand."""
+
+    def __init__(self, buckets: np.ndarray, global_batch: int, *, seed: int, remainder: str):
+        self.buckets = np.asarray(buckets, np.int32)  # [N], -1: not planned
+        self.global_batch, self.seed, self.remainder = global_batch, seed, remainder
+        self.summary = plan_summary(self.buckets, global_batch, remainder=remainder)
+        self.steps_per_epoch = self.summary["steps_per_epoch"]
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"no global batch of {global_batch} fits any bucket "
+                f"({self.summary['records']} records in range, largest bucket "
+                f"{max((r['records'] for r in self.summary['buckets']), default=0)}): "
+                "use remainder='repeat', a smaller global batch, or more data"
+            )
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __getstate__(self):  # worker processes compute the epochs they need themselves
+        return {**self.__dict__, "_plans": {}}
+
+    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket per batch [S], indices [S, global_batch]) for one epoch, cached.
+
+        Safe under Grain's reader threads: the cache is replaced, never mutated, and at an
+        epoch boundary both epochs stay cached.
+        """
+        plans = self._plans
+        if epoch not in plans:
+            plan = batch_plan(
+                self.buckets,
+                self.global_batch,
+                seed=self.seed,
+                epoch=epoch,
+                remainder=self.remainder,
+            )
+            entry = (np.array([b for b, _ in plan]), np.stack([ix for _, ix in plan]))
+            keep = {e: v for e, v in plans.items() if e in (epoch - 1, epoch + 1)}
+            self._plans = plans = {**keep, epoch: entry}
+        return plans[epoch]
+
+    def at(self, step: int) -> tuple[int, np.ndarray]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        bucket_of, indices = self.epoch_plan(epoch)
+        return int(bucket_of[i]), indices[i]
+
+
+# ----------------------------------------------------------------------------- side index
+
+
+def load_index(path: str | Path) -> dict[str, np.ndarray]:
+    """``DIR/sdxl_index.npz`` as a dict of arrays (written by ``sdxl_jax.data.prepare``)."""
+    file = Path(path) / INDEX_FILE
+    if not file.exists():
+        raise FileNotFoundError(
+            f"{file} not found: {path} is not a prepared dataset; run "
+            "`python -m sdxl_jax.data.prepare --source KIND:LOCATION --out DIR` first"
+        )
+    with np.load(file) as z:
+        return {k: z[k] for k in z.files}
+
+
+def open_source(path: str | Path) -> Any:
+    """Random access to the prepared TFDS dataset, images as undecoded bytes."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(str(path))
+    return builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def plan_buckets(
+    index: Mapping[str, np.ndarray], bucket_set: buckets_lib.BucketSet, *, drop_small: bool
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Each record's bucket for the plan (-1: left out) and the counts of what was left out."""
+    column = "bucket_" + bucket_set.name
+    if column not in index:
+        sets = sorted(k[len("bucket_") :] for k in index if k.startswith("bucket_"))
+        raise KeyError(
+            f"the side index has no bucket set {bucket_set.name!r} (it has {sets}): re-run "
+            f"prepare with --bucket-sets including {bucket_set.name}, or pick one of those"
+        )
+    b = np.asarray(index[column]).astype(np.int64)
+    excluded = {"out_of_range": int((b < 0).sum())}
+    if drop_small:
+        sizes = np.asarray(bucket_set.sizes)  # [K, 2]
+        h, w = np.asarray(index["height"]), np.asarray(index["width"])
+        bh, bw = sizes[np.maximum(b, 0), 0], sizes[np.maximum(b, 0), 1]
+        small = (b >= 0) & ((h < bh) | (w < bw))
+        excluded["small"] = int(small.sum())
+        b = np.where(small, -1, b)
+    return b, excluded
+
+
+def format_summary(summary: dict, bucket_set: buckets_lib.BucketSet) -> str:
+    """The bucket histogram and steps per epoch as a small table."""
+    ex = summary.get("excluded", {})
+    lines = [
+        f"bucket set {bucket_set.name} ({len(bucket_set.sizes)} buckets), global batch "
+        f"{summary['global_batch']}, remainder {summary['remainder']}",
+        f"records: {summary['records']} in the plan; left out: {ex.get('out_of_range', 0)} "
+        "outside the aspect range"
+        + (f", {ex['small']} smaller than their bucket (drop_small)" if "small" in ex else ""),
+        f"{'bucket':>6} {'h x w':>11} {'records':>8} {'batches':>8} {'dropped':>8} {'repeated':>8}",
+    ]
+    for r in summary["buckets"]:
+        h, w = bucket_set.sizes[r["bucket"]]
+        note = "  <- all dropped" if r["batches"] == 0 else ""
+        lines.append(
+            f"{r['bucket']:>6} {f'{h} x {w}':>11} {r['records']:>8} {r['batches']:>8} "
+            f"{r['dropped']:>8} {r['repeated']:>8}{note}"
+        )
+    lines.append(
+        f"steps per epoch: {summary['steps_per_epoch']} ({summary['records_per_epoch']} "
+        f"examples per epoch; {summary['dropped']} records dropped, {summary['repeated']} "
+        "repeated)"
+    )
+    return "\n".join(lines)
+
+
+def describe(
+    path: str | Path,
+    bucket_set: str,
+    global_batch: int,
+    *,
+    remainder: str = "drop",
+    drop_small: bool = False,
+    show: int = 0,
+    seed: int = 0,
+    verbose: bool = True,
+) -> dict:
+    """Steps per epoch and the bucket histogram of a prepared dataset, from its side index."""
+    bset = buckets_lib.bucket_set(bucket_set)
+    index = load_index(path)
+    b, excluded = plan_buckets(index, bset, drop_small=drop_small)
+    summary = {**plan_summary(b, global_batch, remainder=remainder), "excluded": excluded}
+    text = format_summary(summary, bset)
+    if show:
+        schedule = BatchSchedule(b, global_batch, seed=seed, remainder=remainder)
+        keys = index.get("key")
+        summary["first_steps"] = []
+        for step in range(show):
+            bucket, ix = schedule.at(step)
+            summary["first_steps"].append({"step": step, "bucket": bucket, "indices": ix.tolist()})
+            ids = [str(keys[i]) for i in ix] if keys is not None else ix.tolist()
+            text += f"\nstep {step}: bucket {bucket} {bset.sizes[bucket]}: {ids}"
+    if verbose:
+        print(text)
+    return summary
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+class _ExampleLoader:
+    """Element k of the host's stream -> one decoded, cropped example (runs in Grain workers)."""
+
+    def __init__(
+        self, source, schedule: BatchSchedule, sizes, cfg: DataConfig, offset: int, local_batch: int
+    ):
+        self.source, self.schedule, self.sizes, self.cfg = source, schedule, sizes, cfg
+        self.offset, self.local_batch = offset, local_batch
+        self._members: dict[int, np.ndarray] = {}
+
+    def _replacement(self, bucket: int, step: int, position: int, attempt: int) -> int:
+        if bucket not in self._members:
+            self._members[bucket] = np.flatnonzero(self.schedule.buckets == bucket)
+        rng = np.random.default_rng((self.cfg.seed, _TAG_REPLACE, step, position, attempt))
+        return int(rng.choice(self._members[bucket]))
+
+    def __call__(self, k: int) -> dict[str, Any]:
+        step, j = divmod(int(k), self.local_batch)
+        position = self.offset + j  # in the global batch: independent of the host count
+        bucket, indices = self.schedule.at(step)
+        index, replaced = int(indices[position]), False
+        if self.cfg.cache:  # latents and embeddings, encoded once (sdxl_jax.data.cache)
+            return {**self.source[index], "index": index, "replaced": False, "step": step}
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            try:
+                record = self.source[index]
+                # Plan from the recorded size (after EXIF rotation), then decode only as large as
+                # the crop needs: JPEGs decode at 1/2, 1/4 or 1/8 scale when that suffices.
+                size = (int(record["height"]), int(record["width"]))
+                rng = np.random.default_rng((self.cfg.seed, _TAG_CROP, step, position))
+                flip = bool(self.cfg.flip and rng.random() < 0.5)
+                crop = buckets_lib.plan_crop(
+                    size,
+                    self.sizes[bucket],
+                    bucket=bucket,
+                    rng=rng if self.cfg.random_crop else None,
+                    flip=flip,
+                )
+                image = images.decode_rgb(record["image"], min_size=crop.resized_size)
+                break
+            except images.BadImage:
+                replaced = True
+                index = self._replacement(bucket, step, position, attempt)
+        else:
+            raise RuntimeError(
+                f"{MAX_REPLACEMENTS + 1} records of bucket {bucket} failed to decode: the data "
+                "changed since prepare; re-run `python -m sdxl_jax.data.prepare`"
+            )
+        pixels = buckets_lib.apply_crop(image, crop)  # [h, w, 3] uint8
+        if self.cfg.image_dtype == "float32":
+            pixels = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+        caption = record["caption"]
+        return {
+            "image": pixels,
+            "caption": caption.decode("utf-8") if isinstance(caption, bytes) else str(caption),
+            "original_size": np.asarray(size, np.int32),
+            "crop_coords_top_left": np.asarray(crop.crop_coords_top_left, np.int32),
+            "target_size": np.asarray(crop.target_size, np.int32),
+            "bucket": bucket,
+            "index": index,
+            "replaced": replaced,
+            "step": step,
+        }
+
+
+def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    first = examples[0]
+    assert all(e["step"] == first["step"] for e in examples), "a batch spans two steps"
+    stack = lambda key, dtype=None: np.stack([np.asarray(e[key], dtype) for e in examples])
+    if "latent_mean" in first:  # cache mode: every field is an array
+        out = {k: stack(k) for k in first if k != "step"}
+        return {**out, "bucket": out["bucket"].astype(np.int32), "step": int(first["step"])}
+    return {
+        "image": stack("image"),  # [B_local, h, w, 3]
+        "caption": np.array([e["caption"] for e in examples], dtype=str),  # [B_local]
+        "original_size": stack("original_size"),  # [B_local, 2] (h, w)
+        "crop_coords_top_left": stack("crop_coords_top_left"),  # [B_local, 2] (top, left)
+        "target_size": stack("target_size"),  # [B_local, 2] (h, w)
+        "bucket": stack("bucket", np.int32),  # [B_local]
+        "index": stack("index", np.int32),  # [B_local] record indices
+        "replaced": stack("replaced", bool),  # [B_local] failed to decode, replaced
+        "step": int(first["step"]),
+    }
+
+
+# ----------------------------------------------------------------------------- iterator
+
+
+def host_slice(global_batch: int, process_index: int, process_count: int) -> slice:
+    """Rows of each global batch that process ``process_index`` of ``process_count`` reads."""
+    if global_batch % process_count:
+        raise ValueError(
+            f"global batch {global_batch} does not divide over {process_count} hosts: use a "
+            f"multiple of {process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    local = global_batch // process_count
+    return slice(process_index * local, (process_index + 1) * local)
+
+
+class DataIterator(Iterator[dict[str, Any]]):
+    """Host-local numpy batches from global step ``step`` on; ``get_state``/``set_state``.
+
+    Batches: "image" [B_local, h, w, 3] (float32 in [-1, 1] or uint8), "caption" [B_local] str,
+    "original_size" / "crop_coords_top_left" / "target_size" int32 [B_local, 2] (h, w order),
+    "bucket" / "index" int32 [B_local], "replaced" bool [B_local], "step" int.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        process_index: int,
+        process_count: int,
+        start_step: int = 0,
+        source: Any = None,
+        index: Mapping[str, np.ndarray] | None = None,
+        verbose: bool = True,
+    ):
+        self.cfg, self.process_index, self.process_count = cfg, process_index, process_count
+        self._rows = host_slice(cfg.global_batch_size, process_index, process_count)
+        self.bucket_set = buckets_lib.bucket_set(cfg.bucket_set)
+        index = load_index(cfg.path) if index is None else index
+        if source is None and cfg.cache:
+            from sdxl_jax.data.cache import CachedSource
+
+            source = CachedSource(cfg.cache)
+            if source.meta["bucket_set"] != cfg.bucket_set:
+                raise ValueError(
+                    f"cache {cfg.cache} was built for bucket set {source.meta['bucket_set']!r}, "
+                    f"not {cfg.bucket_set!r}: rebuild it or change data.bucket_set"
+                )
+        self.source = open_source(cfg.path) if source is None else source
+        plan_b, excluded = plan_buckets(index, self.bucket_set, drop_small=cfg.drop_small)
+        if len(self.source) != len(plan_b):
+            raise ValueError(
+                f"the source has {len(self.source)} records but the side index {len(plan_b)}: "
+                "they come from different prepare runs; re-run prepare into an empty directory"
+            )
+        self.schedule = BatchSchedule(
+            plan_b, cfg.global_batch_size, seed=cfg.seed, remainder=cfg.remainder
+        )
+        self.summary = {**self.schedule.summary, "excluded": excluded}
+        self.steps_per_epoch = self.schedule.steps_per_epoch
+        self.num_replaced = 0
+        if verbose and process_index == 0:
+            print(format_summary(self.summary, self.bucket_set))
+        self._it = None
+        self._start(start_step)
+
+    def _start(self, step: int) -> None:
+        """Point at ``step``; the Grain pipeline (and its workers) starts on the next batch."""
+        self.close()
+        self.step = step
+
+    def _pipeline(self) -> grain.IterDataset:
+        local = self._rows.stop - self._rows.start
+        loader = _ExampleLoader(
+            self.source, self.schedule, self.bucket_set.sizes, self.cfg, self._rows.start, local
+        )
+        stop = (sys.maxsize // local) * local
+        ds = grain.MapDataset.range(self.step * local, stop).map(loader)
+        read = grain.ReadOptions(
+            num_threads=self.cfg.read_threads,
+            prefetch_buffer_size=max(self.cfg.prefetch, self.cfg.read_threads),
+        )
+        ds = ds.batch(local, batch_fn=_collate).to_iter_dataset(read)
+        if self.cfg.num_workers:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside absl.app.run
+                flags.FLAGS.mark_as_parsed()  # (scripts, notebooks, pytest) the defaults do
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self.cfg.num_workers, per_worker_buffer_size=self.cfg.prefetch
+                )
+            )
+        return ds
+
+    def __next__(self) -> dict[str, Any]:
+        if self._it is None:
+            self._it = iter(self._pipeline())
+        batch = next(self._it)
+        assert batch["step"] == self.step, (batch["step"], self.step)
+        self.step += 1
+        n = int(batch["replaced"].sum())
+        if n:
+            self.num_replaced += n
+            print(
+                f"data: step {batch['step']}: {n} undecodable images replaced "
+                f"({self.num_replaced} so far)"
+            )
+        return batch
+
+    def epoch(self) -> int:
+        """The epoch of the next batch."""
+        return self.step // self.steps_per_epoch
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-able: the next global step plus what must match to resume."""
+        return {
+            "format": STATE_FORMAT,
+            "step": int(self.step),
+            "seed": self.cfg.seed,
+            "global_batch_size": self.cfg.global_batch_size,
+            "bucket_set": self.cfg.bucket_set,
+            "remainder": self.cfg.remainder,
+            "drop_small": self.cfg.drop_small,
+            "records": self.summary["records"],
+            "steps_per_epoch": self.steps_per_epoch,
+        }
+
+    def set_state(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
+        """Resume at ``state["step"]``; ``strict`` checks the plan is the one saved."""
+        if strict:
+            mine = self.get_state()
+            diff = {k: (state[k], mine[k]) for k in mine if k != "step" and state.get(k) != mine[k]}
+            if diff:
+                raise ValueError(
+                    f"the saved data state does not match this pipeline (saved, now): {diff}; "
+                    "restore with the data config it was saved with, or pass strict=False to "
+                    f"resume at step {state['step']} of a different plan"
+                )
+        self._start(int(state["step"]))
+
+    def close(self) -> None:
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = None
+
+    def __enter__(self) -> DataIterator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_iterator(
+    cfg: DataConfig,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    start_step: int = 0,
+    source: Any = None,
+    index: Mapping[str, np.ndarray] | None = None,
+    verbose: bool = True,
+) -> DataIterator:
+    """Host-local batches for ``cfg`` from ``start_step``; hosts default to jax's.
+
+    ``source`` (random access: ``len``, ``[i]`` -> {"image": bytes, "caption", ...}) and
+    ``index`` ({"height", "width", "bucket_<set>"} arrays aligned with it) default to the
+    prepared dataset at ``cfg.path``.
+    """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    kwargs = dict(start_step=start_step, source=source, index=index, verbose=verbose)
+    return DataIterator(cfg, process_index=process_index, process_count=process_count, **kwargs)
+
+
+def to_global(batch: Mapping[str, Any], mesh, batch_axes: str | Sequence[str] = "data") -> dict:
+    """Host-local numpy batch -> global jax arrays sharded over ``batch_axes`` of ``mesh``.
+
+    Numeric arrays become ``jax.Array`` s (dim 0 split over the batch axes, the rest
+    replicated); captions (strings) and the scalar step stay host-local.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    sharding = NamedSharding(mesh, PartitionSpec(axes))
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, np.ndarray) and value.ndim and value.dtype.kind in "biuf":
+            global_rows = value.shape[0] * jax.process_count()
+            if global_rows % shards:
+                raise ValueError(
+                    f"{key}: global batch {global_rows} does not divide over the {shards} "
+                    f"devices of mesh axes {axes}: use a global batch that is a multiple of "
+                    f"{shards}"
+                )
+            out[key] = jax.make_array_from_process_local_data(sharding, value)
+        else:
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def save_args(iterator: DataIterator):
+    """The data item of an orbax ``Composite`` save: ``data=pipeline.save_args(it)``."""
+    import orbax.checkpoint as ocp
+
+    return ocp.args.JsonSave(iterator.get_state())
+
+
+def restore_args():
+    """The data item of an orbax ``Composite`` restore; pass the result to ``it.set_state``."""
+    import orbax.checkpoint as ocp
+
+    return ocp.args.JsonRestore()
+
+
+def save_state(directory: str | Path, iterator: DataIterator) -> None:
+    """Write the iterator state on its own (every process calls this; process 0 writes)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        ckptr.save(Path(directory).absolute(), args=save_args(iterator), force=True)
+
+
+def load_state(directory: str | Path) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        return ckptr.restore(Path(directory).absolute(), args=restore_args())
+
+
+def restore(
+    directory: str | Path, cfg: DataConfig, *, strict: bool = True, **kwargs
+) -> DataIterator:
+    """An iterator resumed from ``save_state(directory, ...)``, on any number of hosts."""
+    state = load_state(directory)
+    it = make_iterator(cfg, **kwargs)
+    it.set_state(state, strict=strict)
+    return it
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m sdxl_jax.data.pipeline",
+        description="Steps per epoch and the bucket histogram of a prepared dataset.",
+    )
+    p.add_argument("--data", required=True, help="a directory written by sdxl_jax.data.prepare")
+    p.add_argument("--bucket-set", required=True)
+    p.add_argument("--global-batch", type=int, required=True)
+    p.add_argument("--remainder", choices=REMAINDERS, default="drop")
+    p.add_argument("--drop-small", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--show", type=int, default=0, help="print the first N steps' record keys")
+    args = p.parse_args(argv)
+    extra = {k: getattr(args, k) for k in ("remainder", "drop_small", "show", "seed")}
+    try:
+        describe(args.data, args.bucket_set, args.global_batch, **extra)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,618 @@
+"""Turn an image-caption source into the TFDS dataset that ``sdxl_jax.data.pipeline`` reads.
+
+  python -m sdxl_jax.data.prepare --source KIND:LOCATION --out DIR [options]
+
+KIND:LOCATION[?OPTION=VALUE&...] is one of (each in detail at the end):
+  folder:DIR                          images + same-named .txt captions, recursive
+  jsonl:FILE | csv:FILE | parquet:FILE  manifest rows ?image=COL&caption=COL&key=COL&root=DIR
+  webdataset:'shards-{000..009}.tar'  tar shards (glob or brace list) ?caption=JSON_KEY
+  tfds:NAME[/CONFIG][:VERSION]?data_dir=DIR&split=train&image=image&caption=captions/text
+  tfds:DATASET_DIR                    a generated TFDS dataset (never downloads)
+  synthetic:N[?seed=S]                the embedded coloured-shapes dataset
+
+DIR then holds an ordinary TFDS dataset (``tfds.builder_from_directory(DIR)``, split "train",
+ArrayRecord shards, disable_shuffling: record i is the i-th kept source record) with features
+  image     the source's encoded bytes, unchanged, for JPEG and PNG (EXIF and all); any other
+            format (WebP, GIF, BMP, TIFF, ...) and TFDS pixel arrays are stored as PNG of
+            images.decode_rgb's output (EXIF orientation applied, alpha on white), since
+            tfds.features.Image names only jpeg/png (TensorFlow's decoder reads no WebP/TIFF).
+            Read with decoders={"image": tfds.decode.SkipDecoding()} and images.decode_rgb.
+  caption   the first non-empty caption, whitespace-stripped ("" if kept empty)
+  captions  all non-empty captions of the record (a Sequence(Text); one for most sources)
+  height, width  int32, after EXIF orientation;  key  the source's id for the record
+and beside it
+  sdxl_index.npz  "key" [N] str, "height"/"width" [N] int32, "source_index" [N] int64, and per
+                  bucket set S "bucket_S" [N] int16 (-1: aspect out of S's range); aligned with
+                  the records, so batches are planned without reading an image
+  prepare_report.json  totals, skips per reason (with examples), counted conditions, caption
+                  token method, bucket histograms, image formats, timings.
+
+Bad records never stop a build; each is skipped with a reason: empty_file, not_an_image,
+truncated, too_large, unsupported_mode (from images.decode_rgb), missing_image, read_error,
+missing_caption, empty_caption (unless --on-empty-caption keep), aspect_out_of_range (--on-aspect
+skip), too_small (--min-side), duplicate_key (the first record with a key wins),
+changed_during_build (the source file changed between checking and writing). Counted, not
+skipped: small_image (smaller than its bucket of the first set on some side: upscaled later),
+caption_over_77_tokens (exact with --tokenizer, else a lower-bound estimate), aspect_cropped,
+converted_to_png, caption_kept_empty, multiple_captions.
+
+Bucket sets: the first of --bucket-sets is the primary set: --on-aspect judges aspect against
+its range (x --aspect-tolerance) and small_image against its buckets. In the index, an image out
+of a set's range gets -1 (skip mode) or that set's extreme bucket (crop mode). Single-size sets
+(square_*) take every image: cropping everything to the square is what they are for.
+
+Resumable: records are checked by --workers processes in chunks of --chunk-size, each chunk
+staged atomically in DIR/.staging/; after an interruption, rerun the same command and only
+unstaged chunks are read again. The final write streams the chunks in order (re-reading image
+bytes from the source, which is checked against a CRC) and then removes DIR/.staging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import pickle
+import shutil
+import sys
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdxl_jax.data import buckets, sources
+from sdxl_jax.data.checks import (
+    CLIP_MAX_TOKENS,
+    COUNTED,
+    DEFAULT_BUCKET_SETS,
+    SKIP_REASONS,
+    Options,
+    check_record,
+    token_counter,
+)
+from sdxl_jax.data.sources import IMAGE_EXTENSIONS, Source, SourceError, open_source
+
+DATASET_NAME = "sdxl_prepared"
+INDEX_FILE = "sdxl_index.npz"
+REPORT_FILE = "prepare_report.json"
+STAGING, BUILD = ".staging", ".build"
+EXAMPLES_PER_REASON = 20
+
+
+_WORKER: tuple[Source, Options] | None = None
+
+
+def _init_worker(source: Source, opts: Options) -> None:
+    global _WORKER
+    _WORKER = (source, opts)
+
+
+def _check_chunk(bounds: tuple[int, int]) -> list[dict[str, Any]]:
+    source, opts = _WORKER
+    return [check_record(source, i, opts) for i in range(*bounds)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging: checked chunks in DIR/.staging/, each written atomically
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunk_path(staging: Path, c: int) -> Path:
+    return staging / f"chunk_{c:07d}.pkl"
+
+
+def _write_chunk(staging: Path, c: int, entries: list[dict[str, Any]]) -> None:
+    tmp = staging / f".chunk_{c:07d}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(entries, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, _chunk_path(staging, c))
+
+
+def _read_chunk(staging: Path, c: int) -> list[dict[str, Any]]:
+    with open(_chunk_path(staging, c), "rb") as f:
+        return pickle.load(f)
+
+
+def _checked_chunks(
+    source: Source, opts: Options, todo: list[tuple[int, tuple[int, int]]], workers: int
+) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(chunk, entries) as chunks finish (any order), on ``workers`` spawned processes."""
+    if workers <= 1:
+        _init_worker(source, opts)
+        for c, bounds in todo:
+            yield c, _check_chunk(bounds)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding TFDS/JAX threads
+    pool = ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=(source, opts))
+    queue, running = iter(todo), {}
+    try:
+        while True:
+            while len(running) < 2 * workers and (job := next(queue, None)) is not None:
+                running[pool.submit(_check_chunk, job[1])] = job[0]
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=running.get):
+                yield running.pop(future), future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stage(
+    source: Source, n: int, staging: Path, opts: Options, workers: int, progress: bool
+) -> int:
+    """Check records [0, n) into staged chunks; returns how many chunks an earlier run had."""
+    from tqdm import tqdm
+
+    starts = range(0, n, opts.chunk_size)
+    chunks = [(c, (s, min(n, s + opts.chunk_size))) for c, s in enumerate(starts)]
+    todo = [job for job in chunks if not _chunk_path(staging, job[0]).exists()]
+    done = sum(b - a for c, (a, b) in chunks if _chunk_path(staging, c).exists())
+    with tqdm(total=n, initial=done, unit="img", desc="check", disable=not progress) as bar:
+        for c, entries in _checked_chunks(source, opts, todo, min(workers, len(todo))):
+            _write_chunk(staging, c, entries)
+            bar.update(len(entries))
+    return len(chunks) - len(todo)
+
+
+def _staging_plan(source: Source, n: int, opts: Options) -> dict[str, Any]:
+    """What the staged chunks depend on, as JSON values (compared on resume)."""
+    plan = {
+        "format": "sdxl_jax.data.prepare/1",
+        "source": source.spec,
+        "options": source.options,
+        "records": n,
+        "listing": source.fingerprint(),
+        "check": dataclasses.asdict(opts),
+    }
+    return json.loads(json.dumps(plan))
+
+
+# ---------------------------------------------------------------------------------------------
+# Final write: TFDS ArrayRecord shards + metadata, side index, report
+# ---------------------------------------------------------------------------------------------
+
+
+def dataset_features() -> Any:
+    """The TFDS features of a prepared dataset."""
+    import tensorflow_datasets as tfds
+
+    text = tfds.features.Text()
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "caption": text,
+            "captions": tfds.features.Sequence(text),
+            "height": tfds.features.Scalar(np.int32),
+            "width": tfds.features.Scalar(np.int32),
+            "key": text,
+        }
+    )
+
+
+class _Shards:
+    """ArrayRecord shards cut at planned record positions ``ends`` (TFDS's shard rule); the
+    record at planned position p goes to the first shard whose end exceeds p."""
+
+    def __init__(self, folder: Path, ends: list[int]):
+        self.folder, self.ends = folder, ends
+        self.lengths, self.num_bytes, self._open = [0] * len(ends), 0, None
+
+    def path(self, s: int) -> Path:
+        name = f"{DATASET_NAME}-train.array_record-{s:05d}-of-{len(self.ends):05d}"
+        return self.folder / name
+
+    def write(self, position: int, serialized: bytes) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        s = int(np.searchsorted(self.ends, position, side="right"))
+        if self._open is None or self._open[0] != s:
+            self.close()
+            self._open = (s, ArrayRecordWriter(str(self.path(s)), "group_size:1"))
+        self._open[1].write(serialized)
+        self.lengths[s] += 1
+        self.num_bytes += len(serialized)
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
+    def finish(self) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self.close()
+        for s in range(len(self.ends)):  # a shard whose records all dropped out stays, empty
+            if not self.path(s).exists():
+                ArrayRecordWriter(str(self.path(s)), "group_size:1").close()
+
+
+def _plan(staging: Path, n_chunks: int) -> tuple[set[int], list[int]]:
+    """Records to write (kept, first of each key) and the shard ends over them."""
+    from tensorflow_datasets.core.utils import shard_utils
+
+    seen, planned, total_bytes = set(), set(), 0
+    for c in range(n_chunks):
+        for e in _read_chunk(staging, c):
+            if "skip" not in e and e["key"] not in seen:
+                seen.add(e["key"])
+                planned.add(e["i"])
+                total_bytes += len(e["png"]) if e["png"] else e["size"]
+    if not planned:
+        return planned, [0]  # an empty dataset still has one (empty) shard
+    shards = shard_utils.ShardConfig().get_number_shards(total_bytes, len(planned))
+    return planned, shard_utils.get_shard_boundaries(len(planned), max(1, shards))
+
+
+def _reload(source: Source, entry: dict[str, Any]) -> bytes | None:
+    """The record's bytes as checked, or None if the source changed since."""
+    try:
+        data = source.load(entry["i"]).data
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(data, bytes) and len(data) == entry["size"] and zlib.crc32(data) == entry["crc"]:
+        return data
+    return None
+
+
+@dataclasses.dataclass
+class _Tally:
+    counts: Counter = dataclasses.field(default_factory=Counter)
+    examples: dict[str, list] = dataclasses.field(default_factory=dict)
+
+    def skip(self, reason: str, key: str, detail: str) -> None:
+        self.counts[reason] += 1
+        found = self.examples.setdefault(reason, [])
+        if len(found) < EXAMPLES_PER_REASON:
+            found.append({"key": key, "detail": detail})
+
+
+def _write_records(
+    build: Path,
+    source: Source,
+    staging: Path,
+    n_chunks: int,
+    count_tokens: Callable[[list[str]], list[int]],
+    tally: _Tally,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], _Shards]:
+    """Stream the staged chunks, in order, into ArrayRecord shards under ``build``; returns the
+    written entries (the side index rows) and the shards."""
+    from tqdm import tqdm
+
+    planned, ends = _plan(staging, n_chunks)
+    shards, features, written, position = _Shards(build, ends), dataset_features(), [], 0
+    with tqdm(total=len(planned), unit="img", desc="write", disable=not progress) as bar:
+        for c in range(n_chunks):
+            entries = _read_chunk(staging, c)
+            kept = [e for e in entries if e["i"] in planned]
+            tokens = count_tokens([e["caption"] for e in kept])
+            over = {e["i"] for e, t in zip(kept, tokens, strict=True) if t > CLIP_MAX_TOKENS}
+            for e in entries:
+                if "skip" in e:
+                    tally.skip(e["skip"], e["key"], e["detail"])
+                    continue
+                if e["i"] not in planned:
+                    tally.skip("duplicate_key", e["key"], "an earlier record has this key")
+                    continue
+                position, data = position + 1, e["png"] or _reload(source, e)
+                bar.update(1)
+                if data is None:
+                    tally.skip("changed_during_build", e["key"], "source bytes changed")
+                    continue
+                example = {k: e[k] for k in ("caption", "captions", "height", "width", "key")}
+                shards.write(position - 1, features.serialize_example({"image": data, **example}))
+                tally.counts.update(e["flags"] + ["format " + e["format"]])
+                tally.counts["caption_over_77_tokens"] += e["i"] in over
+                written.append(e)
+    shards.finish()
+    return written, shards
+
+
+def _write_metadata(build: Path, lengths: list[int], num_bytes: int, source: Source) -> None:
+    import tensorflow_datasets as tfds
+
+    info = tfds.core.DatasetInfo(
+        builder=tfds.core.DatasetIdentity(
+            name=DATASET_NAME,
+            version=tfds.core.Version("1.0.0"),
+            data_dir=str(build),
+            module_name=__name__,
+        ),
+        description=f"Prepared by sdxl_jax.data.prepare from {source.spec}; see {REPORT_FILE}.",
+        features=dataset_features(),
+        disable_shuffling=True,  # record i is the i-th written: sdxl_index.npz row i
+        metadata=tfds.core.MetadataDict(source=source.spec, index=INDEX_FILE),
+    )
+    info.set_file_format("array_record")
+    template = tfds.core.ShardedFileTemplate(
+        data_dir=build, dataset_name=DATASET_NAME, split="train", filetype_suffix="array_record"
+    )
+    split = tfds.core.SplitInfo(
+        name="train", shard_lengths=lengths, num_bytes=num_bytes, filename_template=template
+    )
+    info.set_splits(tfds.core.SplitDict([split]))
+    info.write_to_directory(build)
+
+
+def _save_index(build: Path, written: list[dict[str, Any]], opts: Options) -> dict:
+    """DIR/sdxl_index.npz: row i describes record i."""
+    n = len(written)
+    arrays = {
+        "key": np.asarray([e["key"] for e in written], dtype=str).reshape(n),
+        "height": np.asarray([e["height"] for e in written], np.int32).reshape(n),
+        "width": np.asarray([e["width"] for e in written], np.int32).reshape(n),
+        "source_index": np.asarray([e["i"] for e in written], np.int64).reshape(n),
+    }
+    ids = np.asarray([e["buckets"] for e in written], np.int16).reshape(n, len(opts.bucket_sets))
+    for j, name in enumerate(opts.bucket_sets):
+        arrays["bucket_" + name] = ids[:, j]
+    with open(build / INDEX_FILE, "wb") as f:
+        np.savez(f, **arrays)
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare()
+# ---------------------------------------------------------------------------------------------
+
+
+def _ours(name: str) -> bool:
+    files = ("dataset_info.json", "features.json", "metadata.json", INDEX_FILE, REPORT_FILE)
+    name = name.removesuffix(".tmp")
+    return name in files or name in (STAGING, BUILD) or name.startswith(f"{DATASET_NAME}-")
+
+
+def _clear(out: Path, *, staging: bool) -> None:
+    for p in out.iterdir():
+        if _ours(p.name) and (staging or p.name != STAGING):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _prepare_out(out: Path, plan: dict[str, Any], overwrite: bool) -> Path:
+    """Create or reuse DIR; returns DIR/.staging, refusing to mix runs with other settings."""
+    staging = out / STAGING
+    if out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name))
+        if foreign:
+            raise FileExistsError(
+                f"--out {out} holds files prepare did not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}): choose a new or empty folder"
+            )
+        if overwrite:
+            _clear(out, staging=True)
+        elif (out / REPORT_FILE).exists() and not staging.exists():
+            raise FileExistsError(
+                f"{out} already holds a prepared dataset: --overwrite rebuilds it"
+            )
+    if (staging / "plan.json").exists():
+        old = json.loads((staging / "plan.json").read_text())
+        if old != plan:
+            diff = sorted(k for k in plan if old.get(k) != plan[k])
+            raise FileExistsError(
+                f"{staging} was staged with other settings ({', '.join(diff)} differ): rerun "
+                f"with the same settings to resume, or pass --overwrite to start over"
+            )
+    else:
+        staging.mkdir(parents=True, exist_ok=True)
+        _write_json(staging / "plan.json", plan)
+    return staging
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def prepare(
+    source: str,
+    out: str | Path,
+    *,
+    bucket_sets: Sequence[str] = DEFAULT_BUCKET_SETS,
+    workers: int | None = None,
+    on_aspect: str = "skip",
+    aspect_tolerance: float = 1.0,
+    on_empty_caption: str = "skip",
+    min_side: int = 0,
+    verify: str = "decode",
+    tokenizer: str | Path | None = None,
+    max_examples: int | None = None,
+    chunk_size: int = 256,
+    keep_staging: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build the dataset at ``out`` from ``source`` (KIND:LOCATION); returns the report.
+
+    See the module docstring for what is stored and which records are skipped.
+    """
+    t0 = time.perf_counter()
+    opts = Options(
+        tuple(bucket_sets),
+        on_aspect,
+        aspect_tolerance,
+        on_empty_caption,
+        min_side,
+        verify,
+        chunk_size,
+    )
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    src = open_source(source)
+    if len(src) == 0:
+        raise SourceError(f"{src.spec} lists no records (image extensions: {IMAGE_EXTENSIONS})")
+    n = len(src) if max_examples is None else min(len(src), max_examples)
+    out = Path(out)
+    method, count_tokens = token_counter(tokenizer)  # fails early on a bad --tokenizer
+    staging = _prepare_out(out, _staging_plan(src, n, opts), overwrite)
+    t_list = time.perf_counter()
+    resumed = _stage(src, n, staging, opts, workers, progress)
+    t_check = time.perf_counter()
+
+    _clear(out, staging=False)  # leftovers of an interrupted final write
+    build, tally, n_chunks = out / BUILD, _Tally(), math.ceil(n / opts.chunk_size)
+    build.mkdir()
+    written, shards = _write_records(build, src, staging, n_chunks, count_tokens, tally, progress)
+    _write_metadata(build, shards.lengths, shards.num_bytes, src)
+    index = _save_index(build, written, opts)
+    for p in sorted(build.iterdir()):
+        os.replace(p, out / p.name)
+    build.rmdir()
+    t_write = time.perf_counter()
+
+    report = _report(src, n, opts, method, tokenizer, tally, index)
+    report["chunks"] = {"total": n_chunks, "staged_by_an_earlier_run": resumed}
+    report["timings_s"] = {
+        "list": round(t_list - t0, 3),
+        "check": round(t_check - t_list, 3),
+        "write": round(t_write - t_check, 3),
+        "total": round(time.perf_counter() - t0, 3),
+    }
+    _write_json(out / REPORT_FILE, report)  # written last: it marks a finished dataset
+    if not keep_staging:
+        shutil.rmtree(staging)
+    return report
+
+
+_TOKEN_NOTES = {
+    "exact": "exact CLIP token counts of the stored caption (BOS and EOS included)",
+    "estimated": "lower bound: CLIP pre-tokenizer pieces + BOS + EOS (BPE may split a piece "
+    "further); pass --tokenizer DIR for exact counts",
+}
+
+
+def _report(
+    src: Source,
+    n: int,
+    opts: Options,
+    method: str,
+    tokenizer: str | Path | None,
+    tally: _Tally,
+    index: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    histograms = {}
+    for name in opts.bucket_sets:
+        ids, sizes = index["bucket_" + name], buckets.bucket_set(name).sizes
+        histograms[name] = {
+            "sizes": [list(s) for s in sizes],
+            "counts": np.bincount(ids[ids >= 0], minlength=len(sizes)).tolist(),
+            "out_of_range": int((ids < 0).sum()),
+        }
+    skipped = {r: tally.counts[r] for r in SKIP_REASONS}
+    formats = {k[7:]: v for k, v in tally.counts.items() if k.startswith("format ")}
+    return {
+        "source": src.spec,
+        "source_options": src.options,
+        "source_records": len(src),
+        "totals": {"read": n, "written": len(index["key"]), "skipped": sum(skipped.values())},
+        "skipped": skipped,
+        "counted": {c: tally.counts[c] for c in COUNTED},
+        "skipped_examples": tally.examples,
+        "caption_tokens": {
+            "method": method,
+            "tokenizer": None if tokenizer is None else str(tokenizer),
+            "note": _TOKEN_NOTES[method],
+        },
+        "image_formats": dict(sorted(formats.items())),
+        "bucket_sets": list(opts.bucket_sets),
+        "bucket_histograms": histograms,
+        "options": dataclasses.asdict(opts),
+    }
+
+
+def format_summary(report: dict[str, Any], out: str | Path) -> str:
+    """The printed table: totals, skips by reason, counted conditions."""
+    t, seconds = report["totals"], report["timings_s"]["total"]
+    lines = [f"prepared {t['written']} of {t['read']} records into {out} ({seconds:.1f} s)"]
+    lines.append(f"  {'skipped':<26}{'records':>9}")
+    lines += [f"  {r:<26}{c:>9}" for r, c in report["skipped"].items() if c]
+    lines.append(f"  {'(all skips)':<26}{t['skipped']:>9}")
+    lines.append("  counted (kept records)")
+    for name, c in report["counted"].items():
+        note = f"  ({report['caption_tokens']['method']})" if name.startswith("caption") else ""
+        lines.append(f"  {name:<26}{c:>9}{note if 'tokens' in name else ''}")
+    primary = report["bucket_sets"][0]
+    used = sum(1 for c in report["bucket_histograms"][primary]["counts"] if c)
+    lines.append(f"  {used} buckets of {primary} in use; details: {Path(out) / REPORT_FILE}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+PROG = "python -m sdxl_jax.data.prepare"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description=__doc__.split("\n\n", 1)[1],
+        epilog="sources in detail:\n" + sources.__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = p.add_argument
+    # fmt: off
+    a("--source", required=True, metavar="KIND:LOCATION", help="what to read (see above)")
+    a("--out", required=True, metavar="DIR", help="the dataset folder to write (new or empty)")
+    a("--bucket-sets", default=",".join(DEFAULT_BUCKET_SETS), metavar="A,B,...",
+      help="bucket sets to index, the primary first (default: all: %(default)s)")
+    a("--workers", type=int, default=None, help="checking processes (default: cores, at most 8)")
+    a("--on-aspect", choices=("skip", "crop"), default="skip",
+      help="an aspect beyond the primary set's range: skip the record, or keep it to be cropped "
+      "to the extreme bucket (default: skip)")
+    a("--aspect-tolerance", type=float, default=1.0,
+      help="widen the aspect range by this factor (>= 1; default 1: the set's own range)")
+    a("--on-empty-caption", choices=("skip", "keep"), default="skip",
+      help="a missing or blank caption: skip the record, or keep it with caption '' "
+      "(default: skip)")
+    a("--min-side", type=int, default=0, help="skip images whose shorter side is below this (px)")
+    a("--verify", choices=("decode", "probe"), default="decode",
+      help="decode every image (finds truncated files; default) or read headers only (faster)")
+    a("--tokenizer", metavar="DIR", help="a CLIP tokenizer folder: exact caption token counts")
+    a("--max-examples", type=int, default=None, metavar="N",
+      help="read only the first N records of the source (a trial run)")
+    a("--chunk-size", type=int, default=256, help="records per staged chunk (default 256)")
+    a("--keep-staging", action="store_true", help="keep DIR/.staging after the build")
+    a("--overwrite", action="store_true",
+      help="rebuild DIR, discarding an earlier dataset or staged chunks there")
+    a("--no-progress", action="store_true", help="no progress bars")
+    # fmt: on
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("source", "out", "no_progress")}
+    kwargs["bucket_sets"] = [s for s in args.bucket_sets.split(",") if s]
+    try:
+        report = prepare(args.source, args.out, progress=not args.no_progress, **kwargs)
+    except (SourceError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        staging = Path(args.out) / STAGING
+        resume = "rerun the same command to resume"
+        print(f"\n{PROG}: interrupted; checked chunks stay in {staging}: {resume}", file=sys.stderr)
+        return 130
+    print(format_summary(report, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
