@@ -277,7 +277,10 @@ class DataIterator(Iterator[dict[str, Any]]):
     def __next__(self) -> dict[str, Any]:
         if self._it is None:
             self._it = iter(self._pipeline())
-        batch = next(self._it)
+        # Worker batches arrive in Grain shared-memory arrays: copy them into ordinary arrays so
+        # each shared block is released now, not at interpreter exit (leak warnings otherwise).
+        batch = {k: np.array(v) if type(v).__name__ == "SharedMemoryArray" else v
+                 for k, v in next(self._it).items()}  # fmt: skip
         assert batch["step"] == self.step, (batch["step"], self.step)
         self.step += 1
         n = int(batch["replaced"].sum())
