@@ -193,3 +193,17 @@ def describe(state: nnx.State, mesh: Mesh) -> dict[str, Any]:
         if shard == tuple(value.shape) and nbytes >= 1 << 20:
             replicated.append(("/".join(map(str, path)), nbytes))
     return {"bytes": total, "bytes_per_device": per_device, "replicated_over_1mb": replicated}
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES) -> Any:
+    """Shardings for any pytree holding nnx Variables (params, EMA, optax moments built from
+    them keep the Variables' metadata) and plain arrays (step counters, keys: replicated)."""
+    replicated = NamedSharding(mesh, P())
+
+    def one(x: Any) -> Any:
+        if isinstance(x, nnx.Variable):
+            value = x.get_value()
+            return x.replace(NamedSharding(mesh, spec_for(_logical(x), value.shape, mesh, rules)))
+        return replicated
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

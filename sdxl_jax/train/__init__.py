@@ -1,0 +1,1 @@
+"""Training: ``state`` (train state, optimizer, EMA) and ``step`` (the pure train step)."""
