@@ -87,7 +87,7 @@ def main() -> None:
     print(f"lowered (unrolled, for FLOPs) in {t_lower_unrolled:.1f} s")
     # Partitioned HLO cost analysis is per device before SPMD partitioning: the whole program.
     print(f"XLA FLOPs per step {flops / 1e12:.2f} TFLOP = {flops / b / 1e12:.2f} TFLOP per "
-          f"sample (SPEC analytic: 20.3; with remat the forward is recomputed: ~27)")  # fmt: skip
+          f"sample (SPEC analytic without recomputation: 20.3)")  # fmt: skip
     if args.no_compile:
         return
     t0 = time.perf_counter()
