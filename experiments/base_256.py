@@ -1,0 +1,15 @@
+"""Base stage 1 (paper 2.5): 256^2 squares, batch 2048, 600k steps, size and crop conditioning.
+
+python -m sdxl_jax.train --config experiments/base_256.py --workdir gs://BUCKET/run
+python -m sdxl_jax.train --config experiments/base_256.py:tiny --workdir /tmp/run   # CPU
+"""
+
+import ml_collections
+
+from experiments import common
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    c = common.base_config("base_256")
+    pass
+    return common.tiny(c) if arg == "tiny" else c

@@ -1,0 +1,18 @@
+"""The refiner: its own UNet on the first 200 noise levels, at ~1024^2 buckets.
+
+python -m sdxl_jax.train --config experiments/refiner.py --workdir gs://BUCKET/run
+python -m sdxl_jax.train --config experiments/refiner.py:tiny --workdir /tmp/run   # CPU
+"""
+
+import ml_collections
+
+from experiments import common
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    c = common.base_config("refiner")
+    c.model.preset = "sdxl_refiner"
+    c.data.bucket_set = "sdxl_1024"
+    c.step.t_max = 200
+    c.optim.total_steps = 200_000
+    return common.tiny(c) if arg == "tiny" else c

@@ -1,0 +1,86 @@
+"""Stage configs: model presets by name, and the checks that must pass before anything compiles.
+
+``validate(config, n_devices)`` raises one clear message per problem (all of them at once): a
+mesh larger than the devices, a global batch that does not split over the batch axes, bucket
+sides the model cannot take (latent sides must divide by the UNet's total downsampling), an
+impossible noise-level range.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdxl_jax import sharding
+from sdxl_jax.data import buckets
+from sdxl_jax.models.unet import UNetConfig
+from sdxl_jax.models.vae import VAEConfig
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def unet_config(preset: str, **overrides: Any) -> UNetConfig:
+    """``sdxl_base``, ``sdxl_refiner``, ``tiny`` or ``tiny_refiner`` (5 time ids, bigG-only
+    context of the tiny text encoders: 64 wide)."""
+    presets = {
+        "sdxl_base": UNetConfig.sdxl_base,
+        "sdxl_refiner": UNetConfig.sdxl_refiner,
+        "tiny": UNetConfig.tiny,
+        "tiny_refiner": lambda **kw: UNetConfig.tiny(
+            **{"cross_attention_dim": 64, "projection_class_embeddings_input_dim": 48 + 5 * 8, **kw}
+        ),
+    }
+    if preset not in presets:
+        raise ValueError(f"unknown model preset {preset!r}: use one of {sorted(presets)}")
+    return presets[preset](**overrides)
+
+
+def vae_config(preset: str) -> VAEConfig:
+    return VAEConfig.tiny() if preset.startswith("tiny") else VAEConfig.sdxl()
+
+
+def latent_factor(preset: str) -> int:
+    """Pixels per latent-grid step the UNet needs: VAE downscale x 2^(UNet levels - 1)."""
+    unet = unet_config(preset)
+    return vae_config(preset).downscale * 2 ** (len(unet.block_out_channels) - 1)
+
+
+def validate(config: Any, n_devices: int) -> None:
+    """Raise ValueError listing every problem of ``config`` (an ml_collections ConfigDict)."""
+    problems = []
+    try:
+        sizes = sharding.mesh_shape(dict(config.mesh), n_devices)
+        batch_devices = sizes["data"] * sizes["fsdp"]
+        if config.data.global_batch_size % batch_devices:
+            problems.append(
+                f"data.global_batch_size {config.data.global_batch_size} does not divide over "
+                f"the batch axes data x fsdp = {batch_devices}: use a multiple of {batch_devices}"
+            )
+    except ValueError as e:
+        problems.append(str(e))
+    try:
+        factor = latent_factor(config.model.preset)
+        bset = buckets.bucket_set(config.data.bucket_set)
+        bad = [(h, w) for h, w in bset.sizes if h % factor or w % factor]
+        if bad:
+            problems.append(
+                f"bucket set {bset.name} has sides not divisible by {factor} (the VAE's and "
+                f"UNet's total downsampling for model {config.model.preset}): {bad[:4]}; use a "
+                f"bucket set with a step that is a multiple of {factor}"
+            )
+    except ValueError as e:
+        problems.append(str(e))
+    s = config.step
+    if not 0 <= s.t_min < s.t_max <= 1000:
+        problems.append(f"step.t_min {s.t_min} / t_max {s.t_max}: need 0 <= t_min < t_max <= 1000")
+    if s.prediction_type not in PREDICTION_TYPES:
+        problems.append(
+            f"step.prediction_type {s.prediction_type!r}: use one of {PREDICTION_TYPES}"
+        )
+    if not 0 <= s.cond_dropout < 1:
+        problems.append(f"step.cond_dropout {s.cond_dropout}: need 0 <= p < 1")
+    if config.optim.warmup_steps > config.optim.total_steps:
+        problems.append("optim.warmup_steps exceeds optim.total_steps")
+    if problems:
+        raise ValueError(
+            f"config for stage {config.stage!r} cannot run:\n- " + "\n- ".join(problems)
+        )
