@@ -69,17 +69,13 @@ def preset_configs(preset: str) -> dict[str, Any]:
     context = text_l.hidden_size + text_g.hidden_size  # both penultimate states, concatenated
     pooled = text_g.projection_dim
     vector = pooled + 6 * unet.addition_time_embed_dim  # base: 6 micro-conditioning numbers
-    notes = []
     if (unet.cross_attention_dim, unet.projection_class_embeddings_input_dim) != (context, vector):
-        notes.append(
+        raise ValueError(
             f"UNetConfig.{preset}() takes context {unet.cross_attention_dim} / vector "
             f"{unet.projection_class_embeddings_input_dim}, but the {preset} text encoders give "
-            f"{context} / {pooled} + 6 x {unet.addition_time_embed_dim} = {vector}: replaced"
+            f"{context} / {vector}: the presets must fit together"
         )
-        unet = unet.replace(
-            cross_attention_dim=context, projection_class_embeddings_input_dim=vector
-        )
-    return dict(unet=unet, vae=vae, context=context, pooled=pooled, notes=notes)
+    return dict(unet=unet, vae=vae, context=context, pooled=pooled)
 
 
 def make_inputs(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -275,8 +271,6 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     dtype_name = pick_dtype(args.dtype, on_gpu)
     dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}[dtype_name]
     cfg = preset_configs(args.preset)
-    for note in cfg["notes"]:
-        print(f"[ours] note: {note}", flush=True)
     env = {
         "device": dev.device_kind,
         "backend": jax.default_backend(),
@@ -436,8 +430,6 @@ def run_diffusers(args: argparse.Namespace) -> dict[str, Any]:
     from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG
 
     cfg = preset_configs(args.preset)
-    for note in cfg["notes"]:
-        print(f"[diffusers] note: {note}", flush=True)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype_name = pick_dtype(args.dtype, on_gpu)

@@ -110,9 +110,11 @@ def build_cache(
     for b in np.unique(record_bucket[record_bucket >= 0]):
         members = np.flatnonzero(record_bucket == b)
         bh, bw = bset.sizes[b]
+        plans = {}  # record -> its centre crop, planned from the recorded size
         for j, i in enumerate(members):
             c = buckets_lib.plan_crop((int(heights[i]), int(widths[i])), (bh, bw), bucket=int(b),
                                       rng=None)  # fmt: skip
+            plans[int(i)] = c
             crops[i], target[i], row[i] = c.crop_coords_top_left, (bh, bw), j
         folder = out / f"bucket_{b}"
         if (folder / "DONE").exists():
@@ -125,13 +127,12 @@ def build_cache(
             full = np.concatenate([ids_, np.repeat(ids_[-1:], batch - len(ids_))])
             pixels, captions = [], []
             for i in full:
-                rec = source[int(i)]
-                try:
-                    img = images.decode_rgb(rec["image"])
+                rec, crop = source[int(i)], plans[int(i)]
+                try:  # decoded only as large as the crop needs (JPEG draft scaling)
+                    img = images.decode_rgb(rec["image"], min_size=crop.resized_size)
                 except images.BadImage:
-                    img = np.full((int(heights[i]), int(widths[i]), 3), 127, np.uint8)
+                    img = np.full((*crop.resized_size, 3), 127, np.uint8)
                     skipped += 1
-                crop = buckets_lib.plan_crop(img.shape[:2], (bh, bw), bucket=int(b), rng=None)
                 pixels.append(buckets_lib.apply_crop(img, crop))
                 cap = rec["caption"]
                 captions.append(cap.decode() if isinstance(cap, bytes) else str(cap))

@@ -381,9 +381,5 @@ def image_keys(seed: int, stream: int, indices: Sequence[int]) -> jax.Array:
     return jnp.stack([jax.random.fold_in(base, k) for k in indices])
 
 
-def latent_shape(height: int, width: int, vae_downscale: int, channels: int) -> tuple:
-    return (height // vae_downscale, width // vae_downscale, channels)
-
-
 def padded(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
