@@ -13,14 +13,24 @@ import ml_collections
 def base_config(stage: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage  # the stage's folder under the workdir
+    c.kind = "diffusion"  # what trains: "diffusion" (a UNet) or "autoencoder"
     # Previous stage's folder (its final EMA weights) or a pretrained checkpoint (diffusers
     # folder or single file); empty: random init.
     c.init_from = ""
     c.seed = 0
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # checkpoint: an SDXL diffusers folder or single file holding the frozen VAE and text
+    # encoders (and tokenizers); vae: a different VAE (a folder with vae/, or the name of a
+    # finished autoencoder stage in this workdir).
     c.model = ml_collections.ConfigDict(
-        {"preset": "sdxl_base", "remat": True, "compute_dtype": "bfloat16", "checkpoint": ""}
-    )  # checkpoint: where the frozen VAE and text encoders come from (online mode)
+        {
+            "preset": "sdxl_base",
+            "remat": True,
+            "compute_dtype": "bfloat16",
+            "checkpoint": "",
+            "vae": "",
+        }
+    )
     c.data = ml_collections.ConfigDict(
         {
             "path": "",
@@ -31,7 +41,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
             "flip": False,
             "num_workers": 8,
             "prefetch": 2,
-            "cache": "",
+            "cache": "",  # a folder from python -m sdxl_jax.data.cache, or "auto"
         }
     )
     c.optim = ml_collections.ConfigDict(
@@ -59,21 +69,48 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         }
     )
     c.checkpoint = ml_collections.ConfigDict({"every_steps": 5000, "keep": 3})
-    c.log = ml_collections.ConfigDict({"every_steps": 50, "sample_every_steps": 5000})
+    # Sample grids in TensorBoard: DDIM 20 steps, guidance 4, the EMA weights; size 0: the
+    # model's default (UNet sample_size x VAE factor).
+    c.log = ml_collections.ConfigDict(
+        {
+            "every_steps": 50,
+            "sample_every_steps": 5000,
+            "sample_prompts": (
+                "a photograph of an astronaut riding a horse",
+                "a red fox in the snow, golden hour",
+                "a watercolour painting of a lighthouse on a cliff",
+                "a bowl of ramen, studio lighting",
+            ),
+            "sample_size": 0,
+        }
+    )
     c.max_bad_steps = 10  # non-finite updates in a row before the run stops
     return c
 
 
+TINY_BUCKETS = {"sdxl_1024": "tiny_aspect_64", "sdxl_512": "tiny_square_64"}
+TINY_DATA = "synthetic:2880"  # 40 of each of the 72 captions, prepared once into the workdir
+
+
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The CPU variant of a stage: tiny models, synthetic data, 64-pixel buckets."""
+    """The CPU variant of a stage: tiny models, synthetic data, 32-64 pixel buckets.
+
+    The frozen text encoders are tiny random CLIPs with a tokenizer for the synthetic captions
+    (``<workdir>/frozen``, made on first use); the VAE is the tiny autoencoder stage's export.
+    """
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.model.preset = "tiny_refiner" if c.model.preset == "sdxl_refiner" else "tiny"
     c.model.remat = False
     c.model.compute_dtype = "float32"
-    c.data.path = ""  # the trainer prepares synthetic:N into the workdir when empty
-    c.data.bucket_set = "tiny_64" if c.data.bucket_set == "sdxl_1024" else "tiny_square_64"
+    c.model.checkpoint = "frozen"
+    c.model.vae = "autoencoder"
+    c.data.path = TINY_DATA
+    c.data.bucket_set = TINY_BUCKETS.get(c.data.bucket_set, "tiny_square_32")
     c.data.global_batch_size = 32
     c.data.num_workers = 0
+    # Latents and text embeddings computed once (centre crops): on 2 CPU cores the frozen VAE
+    # would otherwise cost more than the UNet's step.
+    c.data.cache = "auto"
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 50
     c.optim.total_steps = 600
@@ -81,4 +118,10 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 200
     c.log.every_steps = 20
     c.log.sample_every_steps = 200
+    c.log.sample_prompts = (
+        "a red circle in the top left",
+        "a blue square in the bottom right",
+        "a green triangle in the top right",
+        "a yellow circle in the bottom left",
+    )
     return c

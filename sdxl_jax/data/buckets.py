@@ -153,6 +153,8 @@ BUCKET_SETS: dict[str, BucketSet] = {
     # Steps of 16 pixels: the tiny VAE divides by 4 and the tiny UNet halves twice.
     "tiny_32": generate("tiny_32", 32 * 32, 16),
     "tiny_64": generate("tiny_64", 64 * 64, 16),
+    # Three aspect buckets (5:3, 1:1, 3:5): multi-aspect training with few compiled shapes.
+    "tiny_aspect_64": generate("tiny_aspect_64", 64 * 64, 16, max_aspect=2.0),
     "tiny_square_32": generate("tiny_square_32", 32 * 32, 16, square_only=True),
     "tiny_square_64": generate("tiny_square_64", 64 * 64, 16, square_only=True),
 }

@@ -40,6 +40,7 @@ def build_cache(
     out: str | Path,
     *,
     bucket_set: str,
+    vae: str | Path | None = None,
     batch_size: int = 8,
     dtype: str = "float16",
     progress: bool = True,
@@ -66,7 +67,6 @@ def build_cache(
             f"{[k[7:] for k in index if k.startswith('bucket_')]}); re-run prepare with "
             f"--bucket-sets {bucket_set}"
         )
-    info = pl.check_stage(checkpoint)
     bset = buckets_lib.bucket_set(bucket_set)
     record_bucket = index[key].astype(np.int64)
     heights, widths = index["height"], index["width"]
@@ -77,10 +77,11 @@ def build_cache(
     mesh = pl.make_mesh()
     n_dev = mesh.devices.size
     batch = pl.padded(batch_size, n_dev)
-    stage = pl.load_stage(info, dtype=jnp.float32)
-    vae_models = pl.formats.load(checkpoint, ["vae"])
-    vae = vae_models["vae"]
-    text_state = pl.replicate(stage.text_state, mesh)
+    text, text_graph, text_state = load_text_encoders(checkpoint)
+    vae_path = vae or checkpoint
+    pl.check_vae(vae_path)
+    vae = pl.formats.load(vae_path, ["vae"])["vae"]
+    text_state = pl.replicate(text_state, mesh)
     vae_graph, vae_state = nnx.split(vae)
     vae_state = pl.replicate(vae_state, mesh)
     store = np.dtype(dtype)
@@ -88,7 +89,7 @@ def build_cache(
     @jax.jit
     def encode(vae_state, text_state, pixels, ids):
         mean, logvar = nnx.merge(vae_graph, vae_state).encode(pixels)
-        clip_l, clip_g = nnx.merge(stage.text_graph, text_state)
+        clip_l, clip_g = nnx.merge(text_graph, text_state)
         context, pooled = conditioning.encode_text(clip_l, clip_g, ids)
         # The diffusion-scale posterior: the affine map z -> (z - shift) * scale / std multiplies
         # the posterior's std by its slope, so the log-variance shifts by 2 log(slope).
@@ -137,7 +138,7 @@ def build_cache(
                 cap = rec["caption"]
                 captions.append(cap.decode() if isinstance(cap, bytes) else str(cap))
             px = pl.shard_batch(np.stack(pixels).astype(np.float32) / 127.5 - 1.0, mesh)
-            ids = pl.shard_batch(stage.text.tokenize(captions), mesh)
+            ids = pl.shard_batch(text.tokenize(captions), mesh)
             outs = [
                 np.asarray(a)[: len(ids_)].astype(store)
                 for a in encode(vae_state, text_state, px, ids)
@@ -159,12 +160,33 @@ def build_cache(
     np.savez(out / INDEX, bucket=record_bucket, row=row, original_size=orig,
              crop_coords_top_left=crops, target_size=target)  # fmt: skip
     meta = dict(
-        checkpoint=str(checkpoint), data=str(data), bucket_set=bucket_set, crop="centre",
+        checkpoint=str(checkpoint), vae=str(vae_path), data=str(data), bucket_set=bucket_set,
+        crop="centre",
         dtype=dtype, scaling_factor=vae.config.scaling_factor, undecodable=skipped,
         records=int((row >= 0).sum()), seconds=round(time.perf_counter() - t0, 2),
     )  # fmt: skip
     (out / META).write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def load_text_encoders(checkpoint: str | Path) -> tuple[Any, Any, Any]:
+    """(TextEncoders, graph, state) of a checkpoint's CLIP-L + bigG and tokenizers (fp32); a
+    folder needs only text_encoder*/ and tokenizer*/, no UNet."""
+    from flax import nnx
+
+    from sdxl_jax import conditioning
+    from sdxl_jax.weights import formats
+
+    models = formats.load(checkpoint, ["text_encoder", "text_encoder_2"])
+    root = Path(checkpoint)
+    text = conditioning.TextEncoders(
+        clip_l=models["text_encoder"],
+        clip_g=models["text_encoder_2"],
+        tokenizer_l=conditioning.load_tokenizer(root / "tokenizer"),
+        tokenizer_g=conditioning.load_tokenizer(root / "tokenizer_2"),
+    )
+    graph, state = nnx.split((text.clip_l, text.clip_g))
+    return text, graph, state
 
 
 class CachedSource:
@@ -219,13 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint", required=True, help="SDXL base checkpoint (VAE + both text encoders)"
     )
     p.add_argument("--bucket-set", required=True, help="the bucket set training will use")
+    p.add_argument("--vae", help="a different VAE: a folder with vae/ (default: the checkpoint's)")
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--batch-size", type=int, default=8, help="images per encoder call (8)")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     args = p.parse_args(argv)
     try:
         meta = build_cache(args.data, args.checkpoint, args.out, bucket_set=args.bucket_set,
-                           batch_size=args.batch_size, dtype=args.dtype)  # fmt: skip
+                           vae=args.vae, batch_size=args.batch_size, dtype=args.dtype)  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

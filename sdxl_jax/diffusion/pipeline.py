@@ -49,7 +49,7 @@ class StageInfo:
     schedule: NoiseSchedule
 
 
-def _role(configs: dict[str, Any]) -> str:
+def role_of(configs: dict[str, Any]) -> str:
     """base (6 micro-conditioning numbers) or refiner (5), from the UNet's vector width."""
     unet, g = configs["unet"], configs.get("text_encoder_2")
     if g is None or g.projection_dim is None:
@@ -91,7 +91,7 @@ def check_stage(path: str | Path, *, need_vae: bool = True) -> StageInfo:
     for part in ("unet", "text_encoder_2"):
         if part not in components:
             raise ValueError(f"{path} has no {part}: sampling needs a UNet and both text encoders")
-    role = role or _role(configs)
+    role = role or role_of(configs)
     if fmt != "single-file":
         force_zeros = bool(meta.get("force_zeros_for_empty_prompt", role == "base"))
     if role == "base" and "text_encoder" not in components:

@@ -1,0 +1,159 @@
+"""The embedded default: the paper's curriculum at toy size, on the synthetic dataset, on CPU.
+
+``python -m sdxl_jax.train`` with no arguments runs, in ``--workdir`` (default
+``runs/tiny_curriculum``):
+
+1. ``autoencoder``: the tiny VAE (4x downsampling) with L1 + KL + PatchGAN, EMA;
+2. ``base_256``: the tiny base UNet at 32^2 (the paper's low-resolution stage);
+3. ``base_1024``: from its EMA weights, multi-aspect 64^2-pixel buckets with offset noise;
+4. ``refiner``: the tiny refiner UNet on the first 200 noise levels;
+
+then samples every caption of the synthetic dataset with the base + refiner exports through
+``python -m sdxl_jax.sample`` and prints the exact caption-match scores
+(:mod:`sdxl_jax.data.synthetic`) next to chance. The frozen text encoders are tiny random CLIPs
+with a tokenizer for the synthetic vocabulary (``<workdir>/frozen``). Rerunning the command
+resumes: finished stages are skipped, an interrupted one continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TINY_FROZEN = "frozen"
+STAGES = ("autoencoder", "base_256", "base_1024", "refiner")
+# Steps per stage, calibrated so the whole run stays under 15 minutes on 2 CPU cores.
+STEPS = {"base_256": 400, "base_1024": 500, "refiner": 150}
+EVAL = dict(images_per_caption=2, steps=25, guidance=4.0, size=64, seed=1234)
+
+
+def build_tiny_frozen(folder: str | Path, seed: int = 0) -> Path:
+    """Tiny random CLIP-L / bigG text encoders and synthetic-vocabulary tokenizers: the frozen
+    text side of the tiny stages (a diffusers folder without UNet or VAE)."""
+    from flax import nnx
+
+    from sdxl_jax.data.tokenizer import write_synthetic_tokenizers
+    from sdxl_jax.models.clip import CLIPTextConfig, CLIPTextModel
+    from sdxl_jax.weights import diffusers_io
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    clip_l = CLIPTextModel(CLIPTextConfig.tiny(), rngs=nnx.Rngs(seed))
+    clip_g = CLIPTextModel(CLIPTextConfig.tiny_bigg(), rngs=nnx.Rngs(seed + 1))
+    diffusers_io.save_component(clip_l, tmp, "text_encoder")
+    diffusers_io.save_component(clip_g, tmp, "text_encoder_2")
+    write_synthetic_tokenizers(tmp)
+    tmp.rename(folder)  # complete or absent
+    return folder
+
+
+def stage_configs(steps: dict[str, int] | None = None) -> list[Any]:
+    """The tiny variants of the curriculum's stage configs, with the calibrated step counts."""
+    from experiments import autoencoder, base_256, base_1024, refiner
+
+    steps = {**STEPS, **(steps or {})}
+    configs = []
+    for module in (autoencoder, base_256, base_1024, refiner):
+        c = module.get_config("tiny")
+        if c.stage in steps:
+            c.optim.total_steps = steps[c.stage]
+        if c.stage == "base_1024":
+            c.init_from = "base_256"  # the 512^2 stage is left out at toy size
+        c.log.sample_every_steps = 0  # the final evaluation samples; compiles cost time here
+        configs.append(c)
+    return configs
+
+
+def evaluate(workdir: Path, *, base: Path, refiner: Path | None) -> dict[str, Any]:
+    """Sample every synthetic caption with ``python -m sdxl_jax.sample`` and score it."""
+    from PIL import Image
+
+    from sdxl_jax import sample
+    from sdxl_jax.data import synthetic
+
+    out = workdir / "eval"
+    captions = synthetic.all_captions() if hasattr(synthetic, "all_captions") else _captions()
+    prompts = out / "prompts.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    prompts.write_text("\n".join(captions) + "\n")
+    argv = [
+        "--checkpoint", str(base), "--prompts-file", str(prompts),
+        "--num-images", str(EVAL["images_per_caption"]), "--steps", str(EVAL["steps"]),
+        "--guidance", str(EVAL["guidance"]), "--sampler", "ddim",
+        "--height", str(EVAL["size"]), "--width", str(EVAL["size"]),
+        "--seed", str(EVAL["seed"]), "--batch-size", "48", "--out", str(out / "images"),
+    ]  # fmt: skip
+    if refiner is not None:
+        argv += ["--refiner", str(refiner)]
+    t0 = time.perf_counter()
+    if sample.main(argv) != 0:
+        raise RuntimeError("sampling for the evaluation failed (see above)")
+    manifest = json.loads((out / "images" / "manifest.json").read_text())
+    images = [np.asarray(Image.open(out / "images" / r["file"])) for r in manifest["images"]]
+    texts = [r["prompt"] for r in manifest["images"]]
+    scores = synthetic.accuracy(images, texts)
+    result = {
+        "scores": scores,
+        "chance": synthetic.chance_levels(),
+        "images": len(images),
+        "settings": EVAL,
+        "refiner": refiner is not None,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out / "scores.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _captions() -> list[str]:
+    from sdxl_jax.data import synthetic
+
+    return [
+        synthetic.caption_for(c, s, p)
+        for c in synthetic.COLOURS
+        for s in synthetic.SHAPES
+        for p in synthetic.POSITIONS
+    ]
+
+
+def format_scores(result: dict[str, Any]) -> str:
+    s, c = result["scores"], result["chance"]
+    rows = [f"{'':10s} {'model':>7s} {'chance':>7s}"]
+    for key in ("colour", "shape", "position", "all"):
+        if key in s:
+            rows.append(f"{key:10s} {100 * s[key]:6.1f}% {100 * c.get(key, float('nan')):6.1f}%")
+    return "\n".join(rows)
+
+
+def run(workdir: str | Path, *, steps: dict[str, int] | None = None) -> dict[str, Any]:
+    """The whole tiny curriculum, then the evaluation; returns timings and scores."""
+    from sdxl_jax.train.loop import run_stage
+
+    workdir = Path(workdir)
+    t0 = time.perf_counter()
+    frozen = workdir / TINY_FROZEN
+    if not frozen.exists():
+        build_tiny_frozen(frozen)
+    timings = {}
+    exports = {}
+    for config in stage_configs(steps):
+        t = time.perf_counter()
+        result = run_stage(config, workdir)
+        if result.status not in ("finished", "already finished"):
+            return {"status": result.status, "stage": config.stage}
+        timings[config.stage] = round(time.perf_counter() - t, 1)
+        exports[config.stage] = result.export
+    t = time.perf_counter()
+    scores = evaluate(workdir, base=exports["base_1024"], refiner=exports["refiner"])
+    timings["evaluation"] = round(time.perf_counter() - t, 1)
+    timings["total"] = round(time.perf_counter() - t0, 1)
+    summary = {"status": "finished", "timings_s": timings, **scores}
+    (workdir / "curriculum.json").write_text(json.dumps(summary, indent=2, default=str))
+    print("\ncaption match of base + refiner samples (synthetic scorer):")
+    print(format_scores(scores))
+    print(f"stage times (s): {timings}")
+    return summary

@@ -1,0 +1,395 @@
+"""The diffusion stages' task (base stages, refiner, fine-tuning): the UNet that trains, the
+frozen VAE and text encoders that feed it, previews by sampling, and the export.
+
+Where things come from (all resolved before anything compiles):
+
+- UNet: ``model.preset`` initialised at random, or ``init_from``: a previous stage of this
+  workdir (its final EMA weights) or a pretrained checkpoint (diffusers folder or single file;
+  its UNet config then wins over the preset).
+- Frozen parts: ``model.checkpoint``, an SDXL diffusers folder or single file with the text
+  encoders and tokenizers (and the VAE unless ``model.vae`` names another folder or a finished
+  autoencoder stage of this workdir). They run inside the step ("online"); with
+  ``data.cache`` the batches carry their outputs instead.
+
+The export (``<stage>/export``) is a complete diffusers folder (the EMA UNet, the frozen parts,
+the scheduler), which ``python -m sdxl_jax.sample`` and diffusers open.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sdxl_jax import checkpoint as ckpt_lib
+from sdxl_jax import conditioning, sharding
+from sdxl_jax.diffusion import denoiser as denoiser_lib
+from sdxl_jax.diffusion import pipeline as sample_pipeline
+from sdxl_jax.diffusion import samplers
+from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, plan
+from sdxl_jax.models import vae as vae_lib
+from sdxl_jax.models.unet import UNet2DConditionModel
+from sdxl_jax.train import config as config_lib
+from sdxl_jax.train import state as state_lib
+from sdxl_jax.train import step as step_lib
+from sdxl_jax.weights import diffusers_io, formats
+
+ARRAY_KEYS = ("original_size", "crop_coords_top_left", "target_size")
+CACHE_KEYS = ("latent_mean", "latent_logvar", "context", "pooled")
+
+
+def resolve(path: str, workdir: Path) -> Path:
+    """A config path: absolute, relative to the current directory, or a name in the workdir."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return Path(workdir) / p
+
+
+def stage_export(name: str, workdir: Path) -> Path | None:
+    """The export folder of stage ``name`` of this workdir, if the name is a stage's."""
+    if not name or "/" in name or Path(name).suffix:
+        return None
+    folder = Path(workdir) / name
+    return folder / "export" if folder.is_dir() or not Path(name).exists() else None
+
+
+def frozen_sources(config: Any, workdir: Path) -> tuple[Path, Path]:
+    """(checkpoint with text encoders + tokenizers, folder or file with the VAE); checked."""
+    if not config.model.checkpoint:
+        raise ValueError(
+            "model.checkpoint is empty: set --config.model.checkpoint=PATH to an SDXL diffusers "
+            "folder or single file; the frozen text encoders (and VAE) come from it"
+        )
+    ckpt = resolve(config.model.checkpoint, workdir)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"model.checkpoint {ckpt} does not exist")
+    vae = ckpt
+    if config.model.vae:
+        exported = stage_export(config.model.vae, workdir)
+        vae = exported if exported is not None else resolve(config.model.vae, workdir)
+        if not vae.exists():
+            raise FileNotFoundError(
+                f"model.vae {config.model.vae!r}: {vae} does not exist. If it names an "
+                f"autoencoder stage, finish it first: python -m sdxl_jax.train --config "
+                f"experiments/autoencoder.py[:tiny] --workdir {workdir}"
+            )
+    sample_pipeline.check_vae(vae)
+    return ckpt, vae
+
+
+def is_refiner(config: Any) -> bool:
+    return config.model.preset in ("sdxl_refiner", "tiny_refiner")
+
+
+class DiffusionTask:
+    """See the module docstring; the contract is :class:`sdxl_jax.train.task.Task`."""
+
+    def __init__(self, config: Any, mesh: jax.sharding.Mesh, workdir: str | Path):
+        self.config, self.mesh, self.workdir = config, mesh, Path(workdir)
+        self.refiner = is_refiner(config)
+        compute = jnp.dtype(config.model.compute_dtype)
+        self.cached = bool(config.data.cache)  # a folder, or "auto" (the loop builds it)
+
+        # -- the UNet: preset, or the config of the checkpoint it starts from
+        self.init_checkpoint = None
+        if config.init_from and stage_export(config.init_from, self.workdir) is None:
+            self.init_checkpoint = resolve(config.init_from, self.workdir)
+        if self.init_checkpoint is not None:
+            ucfg = sample_pipeline.check_stage(self.init_checkpoint, need_vae=False).configs["unet"]
+        else:
+            ucfg = config_lib.unet_config(config.model.preset)
+        self.unet_config = dataclasses.replace(ucfg, remat=bool(config.model.remat))
+
+        def make(rngs: nnx.Rngs) -> UNet2DConditionModel:
+            return UNet2DConditionModel(
+                self.unet_config, rngs=rngs, dtype=compute, param_dtype=jnp.float32
+            )
+
+        self._make = make
+        abstract = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+
+        # -- frozen encoders (online) and tokenizers
+        self.ckpt, self.vae_path = frozen_sources(config, self.workdir)
+        want = ["text_encoder_2"] + ([] if self.refiner else ["text_encoder"])
+        shard_fn = sharding.loader_sharding(mesh)
+        frozen_models = formats.load(self.ckpt, want, dtype=compute, sharding=shard_fn)
+        vae = formats.load(self.vae_path, ["vae"], sharding=shard_fn)["vae"]
+        self.vae_config = vae.config
+        clip_l = frozen_models.get("text_encoder")
+        clip_g = frozen_models["text_encoder_2"]
+        self.text = conditioning.TextEncoders(
+            clip_l=clip_l,
+            clip_g=clip_g,
+            tokenizer_l=None
+            if self.refiner
+            else conditioning.load_tokenizer(self.ckpt / "tokenizer"),
+            tokenizer_g=conditioning.load_tokenizer(self.ckpt / "tokenizer_2"),
+        )
+        online = {} if self.cached else {"vae": vae, "text_encoders": (clip_l, clip_g)}
+        self.graphs, abstract_params, frozen = step_lib.split_models(abstract, **online)
+        self.frozen = frozen
+        # Previews need the text encoders and the VAE even in cache mode.
+        self._vae_graph, self._vae_state = nnx.split(vae)
+        self._text_graph, self._text_state = nnx.split((clip_l, clip_g))
+
+        # -- the step
+        s = config.step
+        self.step_config = step_lib.StepConfig(
+            t_min=s.t_min,
+            t_max=s.t_max,
+            offset_noise=s.offset_noise,
+            prediction_type=s.prediction_type,
+            min_snr_gamma=s.min_snr_gamma or None,
+            cond_dropout=s.cond_dropout,
+            ema_decay=s.ema_decay,
+            compute_dtype=config.model.compute_dtype,
+            refiner=self.refiner,
+            schedule=NoiseSchedule(prediction_type=s.prediction_type),
+        )
+        o = config.optim
+        self.optimizer = state_lib.make_optimizer(
+            lr=o.lr,
+            warmup_steps=o.warmup_steps,
+            total_steps=o.total_steps,
+            schedule=o.schedule,
+            b1=o.b1,
+            b2=o.b2,
+            weight_decay=o.weight_decay,
+            clip_norm=o.clip_norm or None,
+            accumulate=o.accumulate,
+        )
+        self._abstract_params = abstract_params
+        abstract_state = jax.eval_shape(
+            lambda p: state_lib.init_state(p, self.optimizer, 0), abstract_params
+        )
+        self.state_shardings = sharding.tree_shardings(abstract_state, mesh)
+        self._abstract_state = abstract_state
+        self.batch_keys = self._batch_keys()
+        replicated = NamedSharding(mesh, P())
+        batch_shardings = {k: NamedSharding(mesh, P(sharding.BATCH_AXES)) for k in self.batch_keys}
+        frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+        fn = functools.partial(
+            step_lib.train_step,
+            graphs=self.graphs,
+            cfg=self.step_config,
+            optimizer=self.optimizer,
+        )
+        self._step = jax.jit(
+            fn,
+            in_shardings=(self.state_shardings, batch_shardings, frozen_shardings),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=0,
+        )
+        self._preview_fn = None
+
+    # -- the contract ----------------------------------------------------------------------
+
+    def _batch_keys(self) -> tuple[str, ...]:
+        sizes = ARRAY_KEYS if not self.refiner else ARRAY_KEYS[:2]
+        if self.cached:
+            return (*CACHE_KEYS, *sizes)
+        ids = ("ids_g",) if self.refiner else ("ids_l", "ids_g")
+        return ("image", *ids, *sizes)
+
+    def host_arrays(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The arrays the step reads from a host batch (captions tokenized here)."""
+        out = {k: batch[k] for k in self.batch_keys if k in batch}
+        if not self.cached:
+            out.update(self.text.tokenize(list(batch["caption"])))
+        missing = [k for k in self.batch_keys if k not in out]
+        if missing:
+            raise ValueError(f"the data pipeline's batches lack {missing}")
+        return out
+
+    def abstract_state(self) -> Any:
+        return ckpt_lib.abstract_like(self._abstract_state, self.state_shardings)
+
+    def init_state(self) -> Any:
+        params = self._initial_params()
+        init = jax.jit(
+            lambda p: state_lib.init_state(p, self.optimizer, self.config.seed),
+            out_shardings=self.state_shardings,
+        )
+        return init(params)
+
+    def _initial_params(self) -> Any:
+        param_shardings = sharding.tree_shardings(self._abstract_params, self.mesh)
+        exported = stage_export(self.config.init_from, self.workdir)
+        if exported is not None:
+            stage_dir = exported.parent
+            abstract = ckpt_lib.abstract_like(self._abstract_params, param_shardings)
+            return ckpt_lib.load_final_ema(stage_dir, abstract)
+        if self.init_checkpoint is not None:
+            unet = formats.load(
+                self.init_checkpoint,
+                ["unet"],
+                dtype=jnp.dtype(self.config.model.compute_dtype),
+                sharding=sharding.loader_sharding(self.mesh),
+            )["unet"]
+            return nnx.split(unet, nnx.Param, ...)[1]
+        _, state = sharding.init_sharded(self._make, self.mesh, seed=self.config.seed)
+        return state
+
+    def step(self, state: Any, batch: Mapping[str, jax.Array]) -> tuple[Any, dict]:
+        return self._step(state, dict(batch), self.frozen)
+
+    # -- previews and export ---------------------------------------------------------------
+
+    def sample(
+        self,
+        params: Any,
+        prompts: Sequence[str],
+        *,
+        size: tuple[int, int],
+        steps: int = 20,
+        guidance: float = 4.0,
+        seed: int = 0,
+        crop: tuple[int, int] = (0, 0),
+        original_size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """uint8 images [N, H, W, 3] of ``prompts`` with DDIM from the UNet weights ``params``
+        (no refiner), micro-conditioned on ``original_size`` (default: ``size``) and ``crop``."""
+        if self._preview_fn is None:
+            self._preview_fn = jax.jit(self._sample_fn, static_argnames=("steps",))
+        h, w = size
+        f = self.vae_config.downscale
+        n = len(prompts)
+        ids = {k: jnp.asarray(v) for k, v in self.text.tokenize(list(prompts)).items()}
+        orig = original_size or size
+        if self.refiner:
+            tids = conditioning.refiner_time_ids(
+                np.broadcast_to(np.float32(orig), (n, 2)), crop, 6.0
+            )
+        else:
+            tids = np.broadcast_to(conditioning.base_time_ids(orig, crop, size), (n, 6))
+        noise = sample_pipeline.initial_noise(seed, range(n), (h // f, w // f, 4))
+        return np.asarray(
+            self._preview_fn(
+                params, self._text_state, self._vae_state, ids, jnp.asarray(tids, jnp.float32),
+                jnp.asarray(noise), jnp.float32(guidance), steps=steps,
+            )
+        )  # fmt: skip
+
+    def _sample_fn(self, params, text_state, vae_state, ids, tids, noise, guidance, *, steps):
+        schedule = self.step_config.schedule
+        p = plan(schedule, "ddim", steps, spacing="trailing")
+        clip_l, clip_g = nnx.merge(self._text_graph, text_state)
+        context, pooled = conditioning.encode_text(clip_l, clip_g, ids)
+        if self.refiner:
+            context = context[..., -self.unet_config.cross_attention_dim :]
+        dtype = jnp.dtype(self.config.model.compute_dtype)
+
+        def model(x, t, c):
+            cast = jax.tree.map(lambda a: a.astype(dtype), params)
+            unet = nnx.merge(self.graphs.unet, cast)
+            tt = jnp.broadcast_to(t, (x.shape[0],))
+            return unet(x.astype(dtype), tt, *c)
+
+        cond = (context, pooled, tids)
+        uncond = (jnp.zeros_like(context), jnp.zeros_like(pooled), tids)
+        m = denoiser_lib.guided(model, cond, uncond, guidance)
+        d = denoiser_lib.denoiser(m, self.step_config.prediction_type)
+        arrays = {k: jnp.asarray(v) for k, v in p.arrays().items()}
+        x = samplers.sample("ddim", d, noise * p.init_scale, arrays)
+        vae = nnx.merge(self._vae_graph, vae_state)
+        img = vae.decode(vae_lib.from_diffusion_latents(x, self.vae_config))
+        return jnp.round(jnp.clip(img / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
+
+    def preview(self, state: Any) -> np.ndarray | None:
+        prompts = list(self.config.log.get("sample_prompts", []) or [])
+        if not prompts:
+            return None
+        side = int(
+            self.config.log.get("sample_size", 0)
+            or self.unet_config.sample_size * self.vae_config.downscale
+        )
+        images = self.sample(state.ema, prompts, size=(side, side))
+        return grid(images)
+
+    def export(self, state: Any, out: Path) -> Path:
+        """A complete diffusers folder: the EMA UNet, the frozen parts, the scheduler."""
+        out = Path(out)
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        params = jax.device_get(state.ema)
+        unet = nnx.merge(nnx.split(nnx.eval_shape(lambda: self._make(nnx.Rngs(0))))[0], params)
+        diffusers_io.save_component(unet, out, "unet")
+        parts = ["text_encoder_2", "tokenizer_2"] + (
+            [] if self.refiner else ["text_encoder", "tokenizer"]
+        )
+        for part in parts:
+            _link_tree(self.ckpt / part, out / part)
+        _link_tree(self.vae_path / "vae", out / "vae")
+        schedule = {
+            **SDXL_SCHEDULER_CONFIG,
+            "prediction_type": self.step_config.prediction_type,
+        }
+        (out / "scheduler").mkdir()
+        (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule, indent=2))
+        (out / "model_index.json").write_text(json.dumps(model_index(self.refiner), indent=2))
+        return out
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy a folder, hard-linking files where the filesystem allows (weights are large)."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is missing: the export needs it")
+    shutil.copytree(src, dst, copy_function=link)
+
+
+def model_index(refiner: bool) -> dict[str, Any]:
+    """diffusers' model_index.json of an SDXL (refiner) pipeline folder."""
+    pipe = "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline"
+    index: dict[str, Any] = {
+        "_class_name": pipe,
+        "_diffusers_version": vae_lib.DIFFUSERS_VERSION,
+        "force_zeros_for_empty_prompt": not refiner,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if refiner:
+        index.update(
+            requires_aesthetics_score=True, text_encoder=[None, None], tokenizer=[None, None]
+        )
+    else:
+        index.update(
+            text_encoder=["transformers", "CLIPTextModel"],
+            tokenizer=["transformers", "CLIPTokenizer"],
+        )
+    return index
+
+
+def grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> one [rows * H, columns * W, 3] sheet (blank cells black)."""
+    n, h, w, c = images.shape
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    sheet = np.zeros((rows * h, columns * w, c), np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, columns)
+        sheet[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
+    return sheet

@@ -1,0 +1,235 @@
+"""The train loop end to end on the tiny base stage: kill and resume, preemption, stage hand-off,
+export, non-finite streaks, CLI errors.
+
+Runs are real ``python -m sdxl_jax.train`` processes (SIGKILL and SIGTERM are real signals) on a
+real prepared synthetic dataset, with the frozen tiny text encoders and a random tiny VAE. A
+shared persistent compilation cache keeps the repeated launches from recompiling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from experiments import base_256, base_1024
+from sdxl_jax import sharding
+from sdxl_jax.models.vae import AutoencoderKL, VAEConfig
+from sdxl_jax.train import curriculum, loop
+from sdxl_jax.train.diffusion_task import DiffusionTask
+from sdxl_jax.weights import diffusers_io
+from tests.data.fixtures import prepared_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """Frozen text encoders, a random tiny VAE, a prepared dataset, a compilation cache."""
+    root = tmp_path_factory.mktemp("parts")
+    curriculum.build_tiny_frozen(root / "frozen")
+    vae = AutoencoderKL(VAEConfig.tiny(), rngs=nnx.Rngs(0))
+    diffusers_io.save_component(vae, root / "vae_export", "vae")
+    data, _ = prepared_dataset(root / "data", 96, ("tiny_square_32", "tiny_aspect_64"))
+    return {"frozen": root / "frozen", "vae": root / "vae_export", "data": data,
+            "cache": root / "xla_cache"}  # fmt: skip
+
+
+def overrides(parts, **extra) -> dict[str, object]:
+    o = {
+        "model.checkpoint": parts["frozen"],
+        "model.vae": parts["vae"],
+        "data.path": parts["data"],
+        "optim.total_steps": STEPS,
+        "optim.warmup_steps": 3,
+        "log.every_steps": 1,
+        "log.sample_every_steps": 0,
+        "checkpoint.every_steps": 5,
+        **extra,
+    }
+    return {k: str(v) for k, v in o.items()}
+
+
+def launch(parts, workdir: Path, config: str = "experiments/base_256.py:tiny", **extra):
+    args = [f"--config.{k}={v}" for k, v in overrides(parts, **extra).items()]
+    env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(parts["cache"]),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [sys.executable, "-m", "sdxl_jax.train", "--config", config, "--workdir", str(workdir)]
+    return subprocess.Popen(
+        cmd + args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def losses(workdir: Path, stage: str = "base_256") -> dict[int, float]:
+    """Step -> loss from metrics.jsonl; a step logged twice (re-run after a kill) keeps the
+    later line."""
+    out = {}
+    for line in (workdir / stage / "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            out[rec["step"]] = rec["train/loss"]
+    return out
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early:\n{proc.stdout.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(parts, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    finish(launch(parts, workdir))
+    return workdir
+
+
+@pytest.mark.slow
+def test_sigkill_and_sigterm_resume_with_the_same_losses(parts, uninterrupted, tmp_path):
+    reference = losses(uninterrupted)
+    assert sorted(reference) == list(range(1, STEPS + 1))
+
+    # SIGKILL once the step-10 checkpoint is complete (orbax renames its folder when done):
+    # whatever was in flight after it is lost, the rerun starts at 10.
+    proc = launch(parts, tmp_path)
+    ckpt10 = tmp_path / "base_256" / "checkpoints" / "10"
+    wait_for(ckpt10.exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    # SIGTERM (preemption) after step 17 is logged: it saves at a step boundary and exits 0.
+    proc = launch(parts, tmp_path)
+    wait_for(lambda: max(losses(tmp_path), default=0) >= 17, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    assert "resumed from step 10" in out
+    assert "preempted at step" in out
+    saved = max(int(p.name) for p in (tmp_path / "base_256" / "checkpoints").iterdir()
+                if p.name.isdigit())  # fmt: skip
+    assert saved >= 17
+
+    out = finish(launch(parts, tmp_path))
+    assert f"resumed from step {saved}" in out
+    resumed = losses(tmp_path)
+    assert sorted(resumed) == sorted(reference)
+    np.testing.assert_allclose(
+        [resumed[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)],
+        rtol=1e-6,
+    )  # fmt: skip
+    # The final EMA weights, what the next stage starts from, agree too.
+    restore = ocp.StandardCheckpointer().restore
+    a = restore((uninterrupted / "base_256" / "final_ema").absolute())
+    b = restore((tmp_path / "base_256" / "final_ema").absolute())
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def config_with(module, parts, **extra):
+    c = module.get_config("tiny")
+    for k, v in {**overrides(parts), **extra}.items():
+        node = c
+        *path, leaf = k.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = type(node[leaf])(v) if not isinstance(v, type(node[leaf])) else v
+    return c
+
+
+@pytest.mark.slow
+def test_stage_hand_off_starts_from_the_previous_stage_ema(parts, uninterrupted):
+    # The final checkpoint's EMA (read back by orbax alone) is what base_1024 starts from,
+    # not its raw params.
+    last = uninterrupted / "base_256" / "checkpoints" / str(STEPS) / "state"
+    saved = ocp.StandardCheckpointer().restore(last.absolute())
+    c = config_with(base_1024, parts, init_from="base_256")
+    mesh = sharding.make_mesh(dict(c.mesh))
+    task = DiffusionTask(c, mesh, uninterrupted)
+    params = task.init_state().params
+    ema = jax.tree.leaves(saved["ema"])
+    raw = jax.tree.leaves(saved["params"])
+    got = jax.tree.leaves(params)
+    assert len(got) == len(ema)
+    for g, e in zip(got, ema, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+    assert any(
+        not np.array_equal(np.asarray(e), np.asarray(r)) for e, r in zip(ema, raw, strict=True)
+    )
+
+
+@pytest.mark.slow
+def test_export_opens_in_diffusers_and_matches_the_ema_unet(uninterrupted):
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdxl_jax.weights import formats
+
+    export = uninterrupted / "base_256" / "export"
+    pipe = StableDiffusionXLPipeline.from_pretrained(export)
+    ours = formats.load(export, ["unet"])["unet"]
+    ema = ocp.StandardCheckpointer().restore((uninterrupted / "base_256" / "final_ema").absolute())
+    flat = dict(nnx.to_flat_state(nnx.state(ours)))
+    kernel = flat[("conv_in", "kernel")].get_value()
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(ema["conv_in"]["kernel"]))
+    # diffusers holds the same weight (OIHW vs our HWIO).
+    theirs = pipe.unet.conv_in.weight.detach().numpy()
+    np.testing.assert_allclose(theirs.transpose(2, 3, 1, 0), np.asarray(kernel), atol=0)
+    assert isinstance(pipe.unet.conv_in.weight, torch.nn.Parameter)
+
+
+@pytest.mark.slow
+def test_a_run_of_non_finite_steps_stops_without_checkpointing_it(parts, tmp_path):
+    # lr 1e30: the first update is finite but enormous, every later loss overflows, so every
+    # later step is skipped; three in a row stop the run.
+    c = config_with(
+        base_256, parts, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "checkpoint.every_steps": 1}
+    )
+    c.max_bad_steps = 3
+    with pytest.raises(loop.Diverged, match="3 non-finite steps in a row"):
+        loop.run_stage(c, tmp_path, quiet=True)
+    steps = sorted(int(p.name) for p in (tmp_path / "base_256" / "checkpoints").iterdir()
+                   if p.name.isdigit())  # fmt: skip
+    assert steps == [1]  # saved after the one applied update, none during the streak
+    assert not (tmp_path / "base_256" / "final_ema").exists()
+
+
+def test_misspelt_config_key_fails_before_anything_runs(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "sdxl_jax.train", "--config", "experiments/base_256.py:tiny",
+           "--workdir", str(tmp_path), "--config.optim.lrr=1e-3"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "lrr" in out.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_full_size_config_without_data_fails_with_the_fix(tmp_path):
+    c = base_256.get_config("")
+    c.mesh.data = 1
+    with pytest.raises(ValueError, match="python -m sdxl_jax.data.prepare"):
+        loop.run_stage(c, tmp_path, quiet=True)
