@@ -11,6 +11,7 @@ resumes from its stage's latest checkpoint. See ``--helpfull`` for every flag.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -34,9 +35,21 @@ _STOP_AT = flags.DEFINE_integer(
 )
 
 
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compile_cache",
+    os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/sdxl_jax/xla")),
+    "Persistent XLA compilation cache: a rerun or resume skips compiling ('' to disable).",
+)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _COMPILE_CACHE.value:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE.value)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     config = _CONFIG.value
     if config is None:
         from sdxl_jax.train import curriculum

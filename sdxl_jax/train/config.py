@@ -44,6 +44,13 @@ def latent_factor(preset: str) -> int:
     return vae_config(preset).downscale * 2 ** (len(unet.block_out_channels) - 1)
 
 
+def ae_factor(config: Any) -> int:
+    """Pixels per latent of the autoencoder stage's VAE (image sides must divide by it)."""
+    from sdxl_jax.train import autoencoder
+
+    return autoencoder.vae_preset(config.model.preset).downscale
+
+
 def validate(config: Any, n_devices: int) -> None:
     """Raise ValueError listing every problem of ``config`` (an ml_collections ConfigDict)."""
     problems = []
@@ -57,8 +64,9 @@ def validate(config: Any, n_devices: int) -> None:
             )
     except ValueError as e:
         problems.append(str(e))
+    diffusion = config.get("kind", "diffusion") == "diffusion"
     try:
-        factor = latent_factor(config.model.preset)
+        factor = latent_factor(config.model.preset) if diffusion else ae_factor(config)
         bset = buckets.bucket_set(config.data.bucket_set)
         bad = [(h, w) for h, w in bset.sizes if h % factor or w % factor]
         if bad:
@@ -70,13 +78,15 @@ def validate(config: Any, n_devices: int) -> None:
     except ValueError as e:
         problems.append(str(e))
     s = config.step
-    if not 0 <= s.t_min < s.t_max <= 1000:
+    if not diffusion:
+        pass
+    elif not 0 <= s.t_min < s.t_max <= 1000:
         problems.append(f"step.t_min {s.t_min} / t_max {s.t_max}: need 0 <= t_min < t_max <= 1000")
-    if s.prediction_type not in PREDICTION_TYPES:
+    if diffusion and s.prediction_type not in PREDICTION_TYPES:
         problems.append(
             f"step.prediction_type {s.prediction_type!r}: use one of {PREDICTION_TYPES}"
         )
-    if not 0 <= s.cond_dropout < 1:
+    if diffusion and not 0 <= s.cond_dropout < 1:
         problems.append(f"step.cond_dropout {s.cond_dropout}: need 0 <= p < 1")
     if config.optim.warmup_steps > config.optim.total_steps:
         problems.append("optim.warmup_steps exceeds optim.total_steps")

@@ -89,8 +89,9 @@ def resolve_data(config: Any, workdir: Path) -> str:
 def resolve_cache(config: Any, workdir: Path, data: str) -> str:
     """``data.cache``: a cache folder, empty (online encoding), or ``auto``: built once into
     ``<workdir>/cache/<bucket set>`` with the stage's frozen encoders (rebuilt if they change)."""
-    if config.data.cache != "auto" or config.kind != "diffusion":
-        return "" if config.data.cache == "auto" else config.data.cache
+    cache_dir = config.data.get("cache", "")
+    if cache_dir != "auto" or config.kind != "diffusion":
+        return "" if cache_dir == "auto" else cache_dir
     from sdxl_jax.data import cache
     from sdxl_jax.train.diffusion_task import frozen_sources
 
@@ -323,7 +324,7 @@ def _run(
         ckpts.save_final_ema(state.ema)
         if lead:
             export = task.export(state, stage_dir / "export")
-            image = task.preview(state)
+            image = task.preview(state) if preview_every else None
             if image is not None and writer is not None:
                 writer.image("samples", image, step)
         summary["skipped_steps"] = int(state.skipped)

@@ -31,7 +31,7 @@ from sdxl_jax.weights import diffusers_io
 from tests.data.fixtures import prepared_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 30
+STEPS = 20
 
 
 @pytest.fixture(scope="module")
@@ -123,16 +123,16 @@ def test_sigkill_and_sigterm_resume_with_the_same_losses(parts, uninterrupted, t
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    # SIGTERM (preemption) after step 17 is logged: it saves at a step boundary and exits 0.
+    # SIGTERM (preemption) after step 14 is logged: it saves at a step boundary and exits 0.
     proc = launch(parts, tmp_path)
-    wait_for(lambda: max(losses(tmp_path), default=0) >= 17, proc)
+    wait_for(lambda: max(losses(tmp_path), default=0) >= 14, proc)
     proc.send_signal(signal.SIGTERM)
     out = finish(proc)
     assert "resumed from step 10" in out
     assert "preempted at step" in out
     saved = max(int(p.name) for p in (tmp_path / "base_256" / "checkpoints").iterdir()
                 if p.name.isdigit())  # fmt: skip
-    assert saved >= 17
+    assert saved >= 14
 
     out = finish(launch(parts, tmp_path))
     assert f"resumed from step {saved}" in out
@@ -195,7 +195,9 @@ def test_export_opens_in_diffusers_and_matches_the_ema_unet(uninterrupted):
     ema = ocp.StandardCheckpointer().restore((uninterrupted / "base_256" / "final_ema").absolute())
     flat = dict(nnx.to_flat_state(nnx.state(ours)))
     kernel = flat[("conv_in", "kernel")].get_value()
-    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(ema["conv_in"]["kernel"]))
+    saved = ema["conv_in"]["kernel"]
+    saved = saved["value"] if isinstance(saved, dict) else saved  # how orbax stores a Variable
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(saved))
     # diffusers holds the same weight (OIHW vs our HWIO).
     theirs = pipe.unet.conv_in.weight.detach().numpy()
     np.testing.assert_allclose(theirs.transpose(2, 3, 1, 0), np.asarray(kernel), atol=0)
