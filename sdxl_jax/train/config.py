@@ -18,6 +18,12 @@ from sdxl_jax.models.vae import VAEConfig
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+REFINER_TEXT = {"cross_attention_dim": 64, "projection_class_embeddings_input_dim": 48 + 5 * 8}
+MICRO = dict(
+    block_out_channels=(16, 32), transformer_depth=(0, 1), mid_transformer_depth=1, num_heads=(2, 2)
+)
+
+
 def unet_config(preset: str, **overrides: Any) -> UNetConfig:
     """``sdxl_base``, ``sdxl_refiner``, ``tiny`` or ``tiny_refiner`` (5 time ids, bigG-only
     context of the tiny text encoders: 64 wide)."""
@@ -25,9 +31,10 @@ def unet_config(preset: str, **overrides: Any) -> UNetConfig:
         "sdxl_base": UNetConfig.sdxl_base,
         "sdxl_refiner": UNetConfig.sdxl_refiner,
         "tiny": UNetConfig.tiny,
-        "tiny_refiner": lambda **kw: UNetConfig.tiny(
-            **{"cross_attention_dim": 64, "projection_class_embeddings_input_dim": 48 + 5 * 8, **kw}
-        ),
+        "tiny_refiner": lambda **kw: UNetConfig.tiny(**{**REFINER_TEXT, **kw}),
+        # Test size: two levels, one transformer block; compiles about twice as fast on CPU.
+        "micro": lambda **kw: UNetConfig.tiny(**{**MICRO, **kw}),
+        "micro_refiner": lambda **kw: UNetConfig.tiny(**{**MICRO, **REFINER_TEXT, **kw}),
     }
     if preset not in presets:
         raise ValueError(f"unknown model preset {preset!r}: use one of {sorted(presets)}")

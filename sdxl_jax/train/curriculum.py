@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-TINY_FROZEN = "frozen"
+from sdxl_jax.train.diffusion_task import TINY_FROZEN
+
 STAGES = ("autoencoder", "base_256", "base_1024", "refiner")
 # Steps per stage, calibrated so the whole run stays under 15 minutes on 2 CPU cores.
 STEPS = {"base_256": 400, "base_1024": 500, "refiner": 150}

@@ -46,6 +46,7 @@ from sdxl_jax.train import state as state_lib
 from sdxl_jax.train import step as step_lib
 from sdxl_jax.weights import diffusers_io, formats
 
+TINY_FROZEN = "frozen"  # tiny configs: random tiny text encoders, made in the workdir on first use
 ARRAY_KEYS = ("original_size", "crop_coords_top_left", "target_size")
 CACHE_KEYS = ("latent_mean", "latent_logvar", "context", "pooled")
 
@@ -68,12 +69,19 @@ def stage_export(name: str, workdir: Path) -> Path | None:
 
 def frozen_sources(config: Any, workdir: Path) -> tuple[Path, Path]:
     """(checkpoint with text encoders + tokenizers, folder or file with the VAE); checked."""
-    if not config.model.checkpoint:
+    source = config.model.checkpoint
+    if not source and config.init_from and stage_export(config.init_from, workdir) is None:
+        source = config.init_from  # fine-tuning: the pretrained checkpoint has them all
+    if not source:
         raise ValueError(
             "model.checkpoint is empty: set --config.model.checkpoint=PATH to an SDXL diffusers "
             "folder or single file; the frozen text encoders (and VAE) come from it"
         )
-    ckpt = resolve(config.model.checkpoint, workdir)
+    ckpt = resolve(source, workdir)
+    if source == TINY_FROZEN and not ckpt.exists():
+        from sdxl_jax.train.curriculum import build_tiny_frozen
+
+        build_tiny_frozen(ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"model.checkpoint {ckpt} does not exist")
     vae = ckpt
@@ -91,7 +99,7 @@ def frozen_sources(config: Any, workdir: Path) -> tuple[Path, Path]:
 
 
 def is_refiner(config: Any) -> bool:
-    return config.model.preset in ("sdxl_refiner", "tiny_refiner")
+    return config.model.preset.endswith("refiner")
 
 
 class DiffusionTask:

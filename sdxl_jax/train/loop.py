@@ -241,6 +241,7 @@ def _run(
     status = "finished"
     pending: tuple[int, dict, tuple[int, int]] | None = None
     save_due = False
+    saved = latest  # the step of the newest checkpoint (orbax refuses to save a step twice)
 
     def absorb(step: int, metrics: dict, bucket: tuple[int, int]) -> None:
         """Bookkeeping of a finished step (read one step late, so the device stays busy)."""
@@ -294,6 +295,7 @@ def _run(
                     save_due = streak > 0
                     if not save_due:
                         ckpts.save(step, state, it.get_state(), meta)
+                        saved = step
                 if preview_every and step % preview_every == 0 and writer is not None:
                     image = task.preview(state)
                     if image is not None:
@@ -303,7 +305,8 @@ def _run(
                     if pending is not None:
                         absorb(*pending)
                     pending = None
-                    ckpts.save(step, state, it.get_state(), meta, force=True)
+                    if saved != step:
+                        ckpts.save(step, state, it.get_state(), meta, force=True)
                     ckpts.wait()
                     status = "stopped" if stop and not preemption.requested else "preempted"
                     say(f"[{config.stage}] {status} at step {step}; saved; rerun to resume")
@@ -319,7 +322,8 @@ def _run(
     export = None
     summary = {"stage": config.stage, "status": status, "step": step, **progress.summary()}
     if status == "finished":
-        ckpts.save(step, state, it.get_state(), meta, force=True)
+        if saved != step:
+            ckpts.save(step, state, it.get_state(), meta, force=True)
         ckpts.wait()
         ckpts.save_final_ema(state.ema)
         if lead:
