@@ -66,6 +66,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
             "min_snr_gamma": 0.0,  # 0: off
             "cond_dropout": 0.1,
             "ema_decay": 0.9999,
+            "ema_warmup": True,  # decay min(ema_decay, (1 + n) / (10 + n)) at step n
         }
     )
     c.checkpoint = ml_collections.ConfigDict({"every_steps": 5000, "keep": 3})
@@ -114,6 +115,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 50
     c.optim.total_steps = 600
+    c.optim.schedule = "cosine"  # short runs end better annealed
     c.step.ema_decay = 0.999
     c.checkpoint.every_steps = 200
     c.log.every_steps = 20

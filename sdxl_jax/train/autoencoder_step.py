@@ -34,7 +34,7 @@ from flax import nnx, struct
 
 from sdxl_jax.models.discriminator import GAN_LOSSES, discriminator_loss, generator_loss
 from sdxl_jax.models.vae import AutoencoderKL, sample_posterior
-from sdxl_jax.train.state import applies_update, ema_update, learning_rate
+from sdxl_jax.train.state import applies_update, ema_decay_at, ema_update, learning_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,12 +200,6 @@ def discriminator_objective(
     d = nnx.merge(graphs.disc, _cast(disc, dtype))
     real, fake = jnp.split(d(jnp.concatenate([x, xrec]).astype(dtype)), 2)  # one pass for both
     return discriminator_loss(real, fake, cfg.disc_loss), (jnp.mean(real), jnp.mean(fake))
-
-
-def ema_decay_at(n: jax.Array, decay: float, warmup: bool = True) -> jax.Array:
-    """The EMA decay at update ``n``: LDM's ``LitEma`` warm-up ``min(decay, (1+n)/(10+n))``."""
-    n = jnp.asarray(n, jnp.float32)
-    return jnp.minimum(decay, (1.0 + n) / (10.0 + n)) if warmup else jnp.asarray(decay)
 
 
 def train_step(

@@ -163,6 +163,7 @@ class DiffusionTask:
             min_snr_gamma=s.min_snr_gamma or None,
             cond_dropout=s.cond_dropout,
             ema_decay=s.ema_decay,
+            ema_warmup=s.get("ema_warmup", True),
             compute_dtype=config.model.compute_dtype,
             refiner=self.refiner,
             schedule=NoiseSchedule(prediction_type=s.prediction_type),

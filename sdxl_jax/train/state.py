@@ -170,3 +170,11 @@ def ema_update(ema: Any, params: Any, decay: float | jax.Array) -> Any:
     return jax.tree.map(
         lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype), ema, params
     )
+
+
+def ema_decay_at(n: jax.Array, decay: float, warmup: bool = True) -> jax.Array:
+    """The EMA decay at update ``n``: ``min(decay, (1 + n) / (10 + n))`` with warm-up (LDM's
+    ``LitEma``, diffusers' ``EMAModel`` default), so that a short run's EMA is not mostly its
+    random initialisation (0.9999 ** 1000 is still 0.9)."""
+    n = jnp.asarray(n, jnp.float32)
+    return jnp.minimum(decay, (1.0 + n) / (10.0 + n)) if warmup else jnp.asarray(decay)

@@ -41,7 +41,13 @@ from sdxl_jax import conditioning
 from sdxl_jax.diffusion.schedule import NoiseSchedule
 from sdxl_jax.models import vae as vae_lib
 from sdxl_jax.models.unet import UNetConfig
-from sdxl_jax.train.state import TrainState, applies_update, ema_update, learning_rate
+from sdxl_jax.train.state import (
+    TrainState,
+    applies_update,
+    ema_decay_at,
+    ema_update,
+    learning_rate,
+)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 COMPUTE_DTYPES = ("bfloat16", "float32")
@@ -58,6 +64,7 @@ class StepConfig:
     min_snr_gamma: float | None = None  # Hang et al. 2023; 5.0 is their choice
     cond_dropout: float = 0.1
     ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at step n
     compute_dtype: str = "bfloat16"  # the UNet graph must be built with this dtype
     refiner: bool = False  # 5 time ids: sizes, crop, aesthetic score
     aesthetic_score: float = 6.0  # refiner default when the batch has no "aesthetic_score"
@@ -339,7 +346,7 @@ def train_step(
         moved = applies_update(state.opt_state, opt_state)
         ema = jax.tree.map(
             lambda n, o: jnp.where(moved, n, o),
-            ema_update(state.ema, params, cfg.ema_decay),
+            ema_update(state.ema, params, ema_decay_at(state.step, cfg.ema_decay, cfg.ema_warmup)),
             state.ema,
         )
         return params, opt_state, ema

@@ -28,6 +28,7 @@ from sdxl_jax.models.discriminator import (
 )
 from sdxl_jax.train import autoencoder as ae
 from sdxl_jax.train import autoencoder_step as ae_step
+from sdxl_jax.train import state as state_lib
 from sdxl_jax.weights.diffusers_io import save_component
 
 B, SIDE = 4, 32
@@ -257,10 +258,10 @@ def test_loss_and_adaptive_weight_match_ldm_in_torch(task, data, lpips_file, tmp
 
 
 def test_ema_decay_warmup():
-    assert float(ae_step.ema_decay_at(0, 0.999)) == pytest.approx(0.1)
-    assert float(ae_step.ema_decay_at(90, 0.999)) == pytest.approx(91 / 100)
-    assert float(ae_step.ema_decay_at(10**6, 0.999)) == pytest.approx(0.999)
-    assert float(ae_step.ema_decay_at(0, 0.999, warmup=False)) == pytest.approx(0.999)
+    assert float(state_lib.ema_decay_at(0, 0.999)) == pytest.approx(0.1)
+    assert float(state_lib.ema_decay_at(90, 0.999)) == pytest.approx(91 / 100)
+    assert float(state_lib.ema_decay_at(10**6, 0.999)) == pytest.approx(0.999)
+    assert float(state_lib.ema_decay_at(0, 0.999, warmup=False)) == pytest.approx(0.999)
 
 
 # -- the task ------------------------------------------------------------------------------

@@ -387,7 +387,9 @@ def test_step_skips_non_finite_updates_and_accumulates(models, compiled_step):
     assert int(state.opt_state.gradient_step) == 1
     new, old = jax.tree.leaves(state.params), jax.tree.leaves(p0)
     assert all(not np.array_equal(a, b) for a, b in zip(new, old, strict=True))
-    want_ema = jax.tree.map(lambda e, p: 0.9999 * e + 0.0001 * p, e0, host(state.params))
+    # EMA warm-up: the decay at step n = 4 is min(0.9999, (1 + n) / (10 + n)) = 5 / 14.
+    d = 5 / 14
+    want_ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, e0, host(state.params))
     assert_trees_equal(state.ema, want_ema, rtol=1e-6, atol=1e-7)
     assert float(m["lr"]) == pytest.approx(1e-3)  # the first of 2 warm-up updates: lr / 2
 
