@@ -28,6 +28,7 @@ DIFFUSION_STEP_KEYS = (
     "prediction_type",
     "min_snr_gamma",
     "cond_dropout",
+    "ema_warmup",  # the autoencoder's is ae.ema_warmup
 )
 DIFFUSION_KEYS = (
     ("model", "remat"),

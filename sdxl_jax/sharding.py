@@ -152,9 +152,7 @@ def init_sharded(
     shardings = state_shardings(abstract_state, mesh, rules)
 
     def init() -> nnx.State:
-        # The rbg generator: same statistics, and XLA compiles its bit generation about twice
-        # as fast as threefry's for the many small arrays of a model (seconds on CPU).
-        return nnx.split(make(nnx.Rngs(jax.random.key(seed, impl="rbg"))))[1]
+        return nnx.split(make(nnx.Rngs(seed)))[1]
 
     state = jax.jit(init, out_shardings=shardings)()
     return graph, state
