@@ -25,7 +25,7 @@ from sdxl_jax.models.discriminator import GAN_LOSSES, DiscriminatorConfig, NLaye
 from sdxl_jax.models.perceptual import load_perceptual
 from sdxl_jax.models.vae import AutoencoderKL, VAEConfig
 from sdxl_jax.train.autoencoder_step import AEGraphs, AEState, AEStepConfig, train_step
-from sdxl_jax.train.state import make_optimizer
+from sdxl_jax.train.state import optimizer_from_config
 
 VAE_PRESETS = {
     "sdxl": VAEConfig.sdxl,
@@ -186,18 +186,8 @@ class AutoencoderTask:
             lpips_graph, self.lpips = nnx.split(model)
             print(f"autoencoder: LPIPS weights from {ae.perceptual_path}")
         self.graphs = AEGraphs(vae_graph, disc_graph, lpips_graph)
-        o = config.optim
-        opt = dict(
-            warmup_steps=o.warmup_steps,
-            total_steps=o.total_steps,
-            schedule=o.schedule,
-            b1=o.b1,
-            b2=o.b2,
-            clip_norm=o.clip_norm,
-            accumulate=o.accumulate,
-        )
-        self.optimizer = make_optimizer(o.lr, weight_decay=o.weight_decay, **opt)
-        self.disc_optimizer = make_optimizer(ae.disc_lr, weight_decay=0.0, **opt)
+        self.optimizer = optimizer_from_config(config.optim)
+        self.disc_optimizer = optimizer_from_config(config.optim, lr=ae.disc_lr, weight_decay=0.0)
         self._abstract = jax.eval_shape(self._fresh, params, disc)
         self.shardings = sharding.tree_shardings(self._abstract, mesh)
         # One jitted init creates everything in its shards (one compile: seconds on a CPU).

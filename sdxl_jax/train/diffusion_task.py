@@ -168,18 +168,7 @@ class DiffusionTask:
             refiner=self.refiner,
             schedule=NoiseSchedule(prediction_type=s.prediction_type),
         )
-        o = config.optim
-        self.optimizer = state_lib.make_optimizer(
-            lr=o.lr,
-            warmup_steps=o.warmup_steps,
-            total_steps=o.total_steps,
-            schedule=o.schedule,
-            b1=o.b1,
-            b2=o.b2,
-            weight_decay=o.weight_decay,
-            clip_norm=o.clip_norm or None,
-            accumulate=o.accumulate,
-        )
+        self.optimizer = state_lib.optimizer_from_config(config.optim)
         self._abstract_params = abstract_params
         abstract_state = jax.eval_shape(
             lambda p: state_lib.init_state(p, self.optimizer, 0), abstract_params

@@ -104,6 +104,23 @@ def make_optimizer(
     return tx
 
 
+def optimizer_from_config(optim: Any, **overrides: Any) -> optax.GradientTransformation:
+    """:func:`make_optimizer` from a stage config's ``optim`` group (``clip_norm`` 0: off);
+    ``overrides`` replace fields (e.g. a discriminator's own ``lr``)."""
+    kw = dict(
+        lr=optim.lr,
+        warmup_steps=optim.warmup_steps,
+        total_steps=optim.total_steps,
+        schedule=optim.schedule,
+        b1=optim.b1,
+        b2=optim.b2,
+        weight_decay=optim.weight_decay,
+        clip_norm=optim.clip_norm or None,
+        accumulate=optim.accumulate,
+    )
+    return make_optimizer(**{**kw, **overrides})
+
+
 def _inner(opt_state: optax.OptState) -> optax.OptState:
     return opt_state.inner_opt_state if isinstance(opt_state, optax.MultiStepsState) else opt_state
 
