@@ -83,6 +83,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
                 "a bowl of ramen, studio lighting",
             ),
             "sample_size": 0,
+            # Each process appends (step, bucket, its record indices) to
+            # <stage>/data_trace/process_<i>.jsonl: which host read what, step by step.
+            "trace_data": False,
         }
     )
     c.max_bad_steps = 10  # non-finite updates in a row before the run stops

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 FINAL_EMA = "final_ema"
 
@@ -25,9 +26,12 @@ class StageCheckpoints:
     """Save and restore one stage's checkpoints."""
 
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory)
+        # a local folder, or a bucket URL (gs://...: orbax writes there directly)
+        self.directory = (
+            epath.Path(directory) if "://" in str(directory) else Path(directory).absolute()
+        )
         self.manager = ocp.CheckpointManager(
-            self.directory.absolute() / "checkpoints",
+            self.directory / "checkpoints",
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, enable_async_checkpointing=async_save
             ),
@@ -74,7 +78,7 @@ class StageCheckpoints:
 
     def save_final_ema(self, ema: Any) -> Path:
         """The EMA weights alone under ``<stage>/final_ema`` (atomic, like every save)."""
-        path = self.directory.absolute() / FINAL_EMA
+        path = self.directory / FINAL_EMA
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(path, ema, force=True)
         checkpointer.wait_until_finished()

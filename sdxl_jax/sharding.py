@@ -158,6 +158,13 @@ def init_sharded(
     return graph, state
 
 
+def gather(tree: Any, mesh: Mesh) -> Any:
+    """A host (numpy) copy of a sharded tree on every process. Collective: with several
+    processes every one must call it (each holds only its shards)."""
+    replicated = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
+    return jax.device_get(replicated)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Leading (batch) dimension over the data-parallel axes, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

@@ -74,7 +74,7 @@ def build_cache(
     if len(source) != len(record_bucket):
         raise ValueError(f"{data}: {len(source)} records but the side index has {len(heights)}")
 
-    mesh = pl.make_mesh()
+    mesh = pl.make_mesh(jax.local_devices())  # this process's devices (one host builds it)
     n_dev = mesh.devices.size
     batch = pl.padded(batch_size, n_dev)
     text, text_graph, text_state = load_text_encoders(checkpoint)

@@ -7,6 +7,11 @@
 
 The config is locked: a misspelt ``--config.key`` fails before anything runs. Rerunning a command
 resumes from its stage's latest checkpoint. See ``--helpfull`` for every flag.
+
+Many hosts run the same command as one JAX program (``sdxl_jax/distributed.py``): a Cloud TPU
+pod and SLURM ``srun`` are detected; anywhere else pass ``--coordinator HOST:PORT
+--num_processes N --process_id I`` (or SDXL_COORDINATOR / SDXL_NUM_PROCESSES / SDXL_PROCESS_ID).
+``launch/tpu_pod.sh``, ``launch/gpu_slurm.sh`` and ``launch/local.sh`` do this for you.
 """
 
 from __future__ import annotations
@@ -42,9 +47,41 @@ _COMPILE_CACHE = flags.DEFINE_string(
 )
 
 
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator",
+    None,
+    "Multi-process: HOST:PORT of process 0's coordinator (or SDXL_COORDINATOR). Not needed on "
+    "a Cloud TPU pod or under SLURM srun (detected).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-process: how many processes (or SDXL_NUM_PROCESSES)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-process: this process's id, 0..N-1 (or SDXL_PROCESS_ID)."
+)
+_LOCAL_DEVICE_IDS = flags.DEFINE_string(
+    "local_device_ids",
+    None,
+    "Devices (GPUs) of this process, e.g. 0,1 (or SDXL_LOCAL_DEVICE_IDS). Default: all visible; "
+    "under SLURM one task per GPU takes its own.",
+)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from sdxl_jax import distributed
+
+    try:  # before anything touches a device
+        distributed.initialize(
+            coordinator=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+            local_device_ids=_LOCAL_DEVICE_IDS.value,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if _COMPILE_CACHE.value:
         import jax
 
@@ -62,15 +99,33 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("--workdir is required with --config")
     from sdxl_jax.train import loop
 
+    print(distributed.describe(), flush=True)
     try:
         result = loop.run_stage(config, _WORKDIR.value, stop_at_step=_STOP_AT.value)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {e}", 2)
     except loop.Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return _fail(f"error: {e}", 3)
+    except BaseException:
+        if not distributed.multi_process():
+            raise
+        import traceback
+
+        return _fail(traceback.format_exc(), 1)
     return 0 if result.status in ("finished", "already finished", "stopped", "preempted") else 1
+
+
+def _fail(message: str, code: int) -> int:
+    from sdxl_jax import distributed
+
+    print(message, file=sys.stderr, flush=True)
+    if distributed.multi_process():
+        # The other processes may wait in a collective for this one: leave at once (they see
+        # its heartbeat stop) instead of in jax.distributed's shutdown barrier, which would
+        # hold everyone until its timeout.
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

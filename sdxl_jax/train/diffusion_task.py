@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sdxl_jax import checkpoint as ckpt_lib
-from sdxl_jax import conditioning, sharding
+from sdxl_jax import conditioning, distributed, sharding
 from sdxl_jax.diffusion import denoiser as denoiser_lib
 from sdxl_jax.diffusion import pipeline as sample_pipeline
 from sdxl_jax.diffusion import samplers
@@ -78,10 +78,10 @@ def frozen_sources(config: Any, workdir: Path) -> tuple[Path, Path]:
             "folder or single file; the frozen text encoders (and VAE) come from it"
         )
     ckpt = resolve(source, workdir)
-    if source == TINY_FROZEN and not ckpt.exists():
+    if source == TINY_FROZEN:
         from sdxl_jax.train.curriculum import build_tiny_frozen
 
-        build_tiny_frozen(ckpt)
+        distributed.lead_first(f"frozen {ckpt}", ckpt.exists, lambda: build_tiny_frozen(ckpt))
     if not ckpt.exists():
         raise FileNotFoundError(f"model.checkpoint {ckpt} does not exist")
     vae = ckpt
@@ -261,7 +261,11 @@ class DiffusionTask:
         """uint8 images [N, H, W, 3] of ``prompts`` with DDIM from the UNet weights ``params``
         (no refiner), micro-conditioned on ``original_size`` (default: ``size``) and ``crop``."""
         if self._preview_fn is None:
-            self._preview_fn = jax.jit(self._sample_fn, static_argnames=("steps",))
+            self._preview_fn = jax.jit(  # images replicated: every process can read them
+                self._sample_fn,
+                static_argnames=("steps",),
+                out_shardings=NamedSharding(self.mesh, P()),
+            )
         h, w = size
         f = self.vae_config.downscale
         n = len(prompts)
@@ -318,12 +322,15 @@ class DiffusionTask:
         return grid(images)
 
     def export(self, state: Any, out: Path) -> Path:
-        """A complete diffusers folder: the EMA UNet, the frozen parts, the scheduler."""
+        """A complete diffusers folder: the EMA UNet, the frozen parts, the scheduler. Every
+        process calls it (gathering the weights is collective); process 0 writes."""
         out = Path(out)
+        params = sharding.gather(state.ema, self.mesh)
+        if jax.process_index() != 0:
+            return out
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        params = jax.device_get(state.ema)
         unet = nnx.merge(nnx.split(nnx.eval_shape(lambda: self._make(nnx.Rngs(0))))[0], params)
         diffusers_io.save_component(unet, out, "unet")
         parts = ["text_encoder_2", "tokenizer_2"] + (

@@ -11,6 +11,12 @@
   the autoencoder).
 - ``metrics.jsonl``, ``tb/`` (TensorBoard), ``config.json``, ``summary.json``.
 
+The workdir may be a bucket (``gs://...``, see :mod:`sdxl_jax.workdir`): checkpoints go there
+directly, the rest is written locally and uploaded at each checkpoint and at the end. With
+several processes (:mod:`sdxl_jax.distributed`) every one runs this same code: each reads its
+slice of every batch and writes its checkpoint shards; process 0 writes the logs, previews and
+export.
+
 SIGTERM (preemption) saves at the next step boundary and returns cleanly; rerun to resume.
 ``max_bad_steps`` non-finite steps in a row stop the run without saving, so the latest
 checkpoint is the last good state.
@@ -31,7 +37,8 @@ import jax
 import numpy as np
 
 from sdxl_jax import checkpoint as ckpt_lib
-from sdxl_jax import sharding
+from sdxl_jax import distributed, sharding
+from sdxl_jax import workdir as workdir_lib
 from sdxl_jax.data import pipeline as data_pipeline
 from sdxl_jax.train import config as config_lib
 from sdxl_jax.train import logs
@@ -78,11 +85,14 @@ def resolve_data(config: Any, workdir: Path) -> str:
         return path
     n = int(path.split(":", 1)[1])
     out = Path(workdir) / "data" / f"synthetic_{n}"
-    if not (out / data_pipeline.INDEX_FILE).exists() and jax.process_index() == 0:
+
+    def build() -> None:
         from sdxl_jax.data import prepare
 
         print(f"data: preparing {path} into {out}", flush=True)
         prepare.prepare(path, out, workers=1, progress=False)
+
+    distributed.lead_first(f"data {out}", (out / data_pipeline.INDEX_FILE).exists, build)
     return str(out)
 
 
@@ -98,19 +108,26 @@ def resolve_cache(config: Any, workdir: Path, data: str) -> str:
     ckpt, vae = frozen_sources(config, workdir)
     out = Path(workdir) / "cache" / config.data.bucket_set
     meta = out / cache.META
-    if meta.exists():
-        m = json.loads(meta.read_text())
-        if (m.get("checkpoint"), m.get("vae"), m.get("data")) == (str(ckpt), str(vae), data):
-            return str(out)
-        import shutil
+    want = (str(ckpt), str(vae), data)
 
-        shutil.rmtree(out)
-    if jax.process_index() == 0:
+    def current() -> bool:
+        if not meta.exists():
+            return False
+        m = json.loads(meta.read_text())
+        return (m.get("checkpoint"), m.get("vae"), m.get("data")) == want
+
+    def build() -> None:
+        if out.exists():  # built from other encoders or data
+            import shutil
+
+            shutil.rmtree(out)
         print(f"data: caching latents and text embeddings into {out}", flush=True)
         cache.build_cache(
             data, ckpt, out, bucket_set=config.data.bucket_set, vae=vae, batch_size=64,
             dtype="float32", progress=False,
         )  # fmt: skip
+
+    distributed.lead_first(f"cache {out}", current, build)
     return str(out)
 
 
@@ -161,37 +178,58 @@ def run_stage(
     ``stop_at_step``: save there and return (status "stopped"), as a preemption would.
     """
     # -- set up: checks, mesh -------------------------------------------------------------
-    workdir = Path(workdir)
+    wd = workdir if isinstance(workdir, workdir_lib.Workdir) else workdir_lib.Workdir(workdir)
     config_lib.validate(config, jax.device_count())
+    hosts = jax.process_count()
+    if config.data.global_batch_size % hosts:
+        raise ValueError(
+            f"data.global_batch_size {config.data.global_batch_size} does not divide over "
+            f"{hosts} processes: use a multiple of {hosts}"
+        )
     check_data(config)
     mesh = sharding.make_mesh(dict(config.mesh))
-    ckpts = ckpt_lib.StageCheckpoints(workdir / config.stage, max_to_keep=config.checkpoint.keep)
+    ckpts = ckpt_lib.StageCheckpoints(wd.root / config.stage, max_to_keep=config.checkpoint.keep)
     try:
-        return _run(config, workdir, mesh, ckpts, stop_at_step, quiet)
+        return _run(config, wd, mesh, ckpts, stop_at_step, quiet)
     except BaseException:
         ckpts.close()  # let saves in flight finish: the latest checkpoint stays usable
         raise
 
 
+def _stage_names(config: Any) -> list[str]:
+    """The names in ``config`` that may be earlier stages of the workdir (init_from, model.vae,
+    model.checkpoint): their exports and final EMA weights are fetched to a fresh host."""
+    names = [config.get("init_from", ""), config.model.get("vae", ""), config.model.checkpoint]
+    return [n for n in names if n and "/" not in n and "." not in n]
+
+
 def _run(
     config: Any,
-    workdir: Path,
+    wd: workdir_lib.Workdir,
     mesh: jax.sharding.Mesh,
     ckpts: ckpt_lib.StageCheckpoints,
     stop_at_step: int | None,
     quiet: bool,
 ) -> StageResult:
+    workdir = wd.local  # where files are written (the workdir itself unless it is a bucket)
     stage_dir = workdir / config.stage
     lead = jax.process_index() == 0
     say = (lambda *a: None) if quiet or not lead else (lambda *a: print(*a, flush=True))
     total = int(config.optim.total_steps) * int(config.optim.accumulate)
     latest = ckpts.latest_step()
-    if latest is not None and latest >= total and (stage_dir / ckpt_lib.FINAL_EMA).exists():
+    if latest is not None and latest >= total and (ckpts.directory / ckpt_lib.FINAL_EMA).exists():
         ckpts.close()
-        say(f"[{config.stage}] already finished ({latest} steps): {stage_dir}")
+        say(f"[{config.stage}] already finished ({latest} steps): {wd.root / config.stage}")
+        wd.download(f"{config.stage}/summary.json")
         done = stage_dir / "summary.json"
         summary = json.loads(done.read_text()) if done.exists() else {}
         return StageResult(config.stage, "already finished", latest, stage_dir / "export", summary)
+    # A fresh host of a bucket workdir: this stage's logs (to continue them), the earlier
+    # stages it starts from.
+    wd.download(config.stage, skip=(workdir_lib.CHECKPOINTS, ckpt_lib.FINAL_EMA))
+    for name in _stage_names(config):
+        wd.download(f"{name}/export")
+        wd.download(f"{name}/{ckpt_lib.FINAL_EMA}")
     if lead:
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -208,7 +246,7 @@ def _run(
     if latest is not None:
         state, data_state, _ = ckpts.restore(task.abstract_state(), latest)
         start = int(state.step)
-        say(f"[{config.stage}] resumed from step {start} ({stage_dir / 'checkpoints'})")
+        say(f"[{config.stage}] resumed from step {start} ({ckpts.directory / 'checkpoints'})")
     else:
         state, data_state, start = task.init_state(), None, 0
         if config.init_from:
@@ -223,7 +261,11 @@ def _run(
         f"setup {time.perf_counter() - t0:.1f} s"
     )
 
-    writer = jsonl = None
+    writer = jsonl = trace = None
+    trace_rel = f"{config.stage}/data_trace/process_{jax.process_index()}.jsonl"
+    if config.log.get("trace_data", False):  # every process: its own rows of each batch
+        (stage_dir / "data_trace").mkdir(parents=True, exist_ok=True)
+        trace = open(workdir / trace_rel, "a")
     if lead:
         writer = logs.EventWriter(stage_dir / "tb")
         jsonl = logs.JsonlWriter(stage_dir / "metrics.jsonl")
@@ -231,6 +273,20 @@ def _run(
         total, start, dcfg.global_batch_size, stage=config.stage,
         stream=sys.stdout if lead and not quiet else _Null(),
     )  # fmt: skip
+
+    def mirror() -> None:
+        """A bucket workdir: upload the logs written so far (at checkpoints and the end)."""
+        if not wd.remote:
+            return
+        if writer is not None:
+            writer.flush()
+        if trace is not None and not trace.closed:
+            trace.flush()
+        if lead:
+            wd.upload(config.stage)
+        elif trace is not None:
+            wd.upload(trace_rel)
+
     meta = {"stage": config.stage, "config": json.loads(config.to_json_best_effort())}
     log_every = max(1, int(config.log.every_steps))
     ckpt_every = int(config.checkpoint.every_steps)
@@ -281,6 +337,9 @@ def _run(
             while step < total:
                 host = next(it)
                 bucket = _bucket(host)
+                if trace is not None and "index" in host:
+                    rows = np.asarray(host["index"]).tolist()
+                    trace.write(json.dumps({"step": step, "bucket": bucket, "index": rows}) + "\n")
                 batch = data_pipeline.to_global(_host_arrays(task, host), mesh, sharding.BATCH_AXES)
                 state, metrics = task.step(state, batch)
                 if pending is not None:
@@ -296,9 +355,10 @@ def _run(
                     if not save_due:
                         ckpts.save(step, state, it.get_state(), meta)
                         saved = step
-                if preview_every and step % preview_every == 0 and writer is not None:
-                    image = task.preview(state)
-                    if image is not None:
+                        mirror()
+                if preview_every and step % preview_every == 0:
+                    image = task.preview(state)  # every process: sampling is one SPMD program
+                    if image is not None and writer is not None:
                         writer.image("samples", image, step)
                 stop = stop_at_step is not None and step >= stop_at_step
                 if preemption.requested or ckpts.reached_preemption(step) or stop:
@@ -308,6 +368,7 @@ def _run(
                     if saved != step:
                         ckpts.save(step, state, it.get_state(), meta, force=True)
                     ckpts.wait()
+                    mirror()
                     status = "stopped" if stop and not preemption.requested else "preempted"
                     say(f"[{config.stage}] {status} at step {step}; saved; rerun to resume")
                     break
@@ -315,6 +376,8 @@ def _run(
                 absorb(*pending)
         finally:
             it.close()
+            if trace is not None:
+                trace.close()
             if writer is not None:
                 writer.flush()
 
@@ -326,15 +389,16 @@ def _run(
             ckpts.save(step, state, it.get_state(), meta, force=True)
         ckpts.wait()
         ckpts.save_final_ema(state.ema)
-        if lead:
-            export = task.export(state, stage_dir / "export")
-            image = task.preview(state) if preview_every else None
-            if image is not None and writer is not None:
-                writer.image("samples", image, step)
+        # Every process: gathering the sharded weights is collective; process 0 writes.
+        export = task.export(state, stage_dir / "export")
+        image = task.preview(state) if preview_every else None
+        if image is not None and writer is not None:
+            writer.image("samples", image, step)
         summary["skipped_steps"] = int(state.skipped)
         summary["export"] = str(export) if export else None
         if lead:
             (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        mirror()
         say(
             f"[{config.stage}] done: {step} steps in {summary.get('wall_s', 0):.0f} s, "
             f"{int(state.skipped)} skipped; export {export}"

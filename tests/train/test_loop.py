@@ -8,13 +8,11 @@ shared persistent compilation cache keeps the repeated launches from recompiling
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,73 +22,9 @@ from flax import nnx
 
 from experiments import base_256, base_1024
 from sdxl_jax import sharding
-from sdxl_jax.models.vae import AutoencoderKL, VAEConfig
-from sdxl_jax.train import curriculum, loop
+from sdxl_jax.train import loop
 from sdxl_jax.train.diffusion_task import DiffusionTask
-from sdxl_jax.weights import diffusers_io
-from tests.data.fixtures import prepared_dataset
-
-ROOT = Path(__file__).resolve().parents[2]
-STEPS = 20
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    """Frozen text encoders, a random tiny VAE, a prepared dataset, a compilation cache."""
-    root = tmp_path_factory.mktemp("parts")
-    curriculum.build_tiny_frozen(root / "frozen")
-    vae = AutoencoderKL(VAEConfig.tiny(), rngs=nnx.Rngs(0))
-    diffusers_io.save_component(vae, root / "vae_export", "vae")
-    data, _ = prepared_dataset(root / "data", 96, ("tiny_square_32", "tiny_aspect_64"))
-    return {"frozen": root / "frozen", "vae": root / "vae_export", "data": data,
-            "cache": root / "xla_cache"}  # fmt: skip
-
-
-def overrides(parts, **extra) -> dict[str, object]:
-    o = {
-        "model.preset": "micro",  # the test-size UNet: same code, half the compile time
-        "model.checkpoint": parts["frozen"],
-        "model.vae": parts["vae"],
-        "data.path": parts["data"],
-        "optim.total_steps": STEPS,
-        "optim.warmup_steps": 3,
-        "log.every_steps": 1,
-        "log.sample_every_steps": 0,
-        "checkpoint.every_steps": 5,
-        **extra,
-    }
-    return {k: str(v) for k, v in o.items()}
-
-
-def launch(parts, workdir: Path, config: str = "experiments/base_256.py:tiny", **extra):
-    args = [f"--config.{k}={v}" for k, v in overrides(parts, **extra).items()]
-    env = {
-        **os.environ,
-        "JAX_COMPILATION_CACHE_DIR": str(parts["cache"]),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "PYTHONPATH": str(ROOT),
-    }
-    cmd = [sys.executable, "-m", "sdxl_jax.train", "--config", config, "--workdir", str(workdir)]
-    return subprocess.Popen(
-        cmd + args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def losses(workdir: Path, stage: str = "base_256") -> dict[int, float]:
-    """Step -> loss from metrics.jsonl; a step logged twice (re-run after a kill) keeps the
-    later line."""
-    out = {}
-    for line in (workdir / stage / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            out[rec["step"]] = rec["train/loss"]
-    return out
+from tests.train.runs import ROOT, STEPS, config_with, finish, launch, losses
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -154,17 +88,6 @@ def test_sigkill_and_sigterm_resume_with_the_same_losses(parts, uninterrupted, t
     b = restore((tmp_path / "base_256" / "final_ema").absolute())
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
-
-
-def config_with(module, parts, **extra):
-    c = module.get_config("tiny")
-    for k, v in {**overrides(parts), **extra}.items():
-        node = c
-        *path, leaf = k.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = type(node[leaf])(v) if not isinstance(v, type(node[leaf])) else v
-    return c
 
 
 @pytest.mark.slow

@@ -1,0 +1,128 @@
+"""A run's work directory, local or in a bucket (``gs://...``).
+
+With a local ``--workdir`` everything lives there. With a remote one (any ``scheme://``, read
+and written through ``etils.epath``: ``gs://`` needs ``gcsfs`` or TensorFlow installed):
+
+- the checkpoints are written there directly by orbax (tensorstore speaks GCS natively);
+- everything else (logs, TensorBoard, the final EMA, the export, prepared tiny data and caches)
+  is written to a local mirror, ``$SDXL_LOCAL_DIR/<bucket>/<path>`` (default
+  ``~/.cache/sdxl_jax/workdirs``), and uploaded by process 0 at every checkpoint and when a stage
+  ends;
+- a fresh host (a new VM after a preemption) downloads what it needs from the bucket first: the
+  stage's own logs, so they continue, and the exports and final EMA weights of the stages it
+  starts from.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+CHECKPOINTS = "checkpoints"
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def local_mirror(remote: str) -> Path:
+    base = Path(os.environ.get("SDXL_LOCAL_DIR") or Path.home() / ".cache/sdxl_jax/workdirs")
+    scheme, rest = str(remote).split("://", 1)
+    return base / scheme / rest.strip("/")
+
+
+class Workdir:
+    """``root``: where the run lives (local path or URL); ``local``: where files are written
+    (the root itself when local). ``remote`` may be given as any epath-able root (tests use a
+    second local folder)."""
+
+    def __init__(self, root: str | os.PathLike, *, local: str | os.PathLike | None = None):
+        self.remote = is_remote(root) or local is not None
+        if self.remote:
+            from etils import epath
+
+            self.root: Any = epath.Path(root)
+            self.local = Path(local) if local is not None else local_mirror(str(root))
+        else:
+            self.root = self.local = Path(root)
+        self._uploaded: dict[str, tuple[int, int]] = {}
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def checkpoints(self, stage: str) -> Any:
+        """The stage's checkpoint folder (written in place, remote or not)."""
+        return self.root / stage / CHECKPOINTS
+
+    # -- mirror ------------------------------------------------------------------------------
+
+    def upload(self, rel: str) -> int:
+        """Copy local ``rel`` (file or folder) to the root where new or changed; the number of
+        files copied. No-op for a local workdir. Call it on process 0."""
+        if not self.remote:
+            return 0
+        src = self.local / rel
+        files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+        copied = 0
+        for f in files:
+            key = str(f.relative_to(self.local))
+            st = f.stat()
+            if self._uploaded.get(key) == (st.st_size, st.st_mtime_ns):
+                continue
+            dst = self.root / key
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(f.read_bytes())
+            self._uploaded[key] = (st.st_size, st.st_mtime_ns)
+            copied += 1
+        return copied
+
+    def download(self, rel: str, *, skip: tuple[str, ...] = ()) -> int:
+        """Copy ``rel`` (file or folder) from the root to the local mirror unless already
+        there; top-level entries named in ``skip`` are left out. The number of files copied."""
+        if not self.remote:
+            return 0
+        src = self.root / rel
+        if not src.exists():
+            return 0
+        if src.is_file():
+            pairs = [(src, self.local / rel)]
+        else:
+            pairs = [
+                (p, self.local / rel / "/".join(parts))
+                for p, parts in _files(src)
+                if parts[0] not in skip
+            ]
+        copied = 0
+        for s, d in pairs:
+            if d.exists():
+                continue
+            d.parent.mkdir(parents=True, exist_ok=True)
+            tmp = d.with_name(d.name + ".part")
+            tmp.write_bytes(s.read_bytes())
+            tmp.rename(d)
+            st = d.stat()
+            self._uploaded[str(d.relative_to(self.local))] = (st.st_size, st.st_mtime_ns)
+            copied += 1
+        return copied
+
+    def replace_local(self, rel: str) -> None:
+        """Remove local ``rel`` (before it is written anew)."""
+        path = self.local / rel
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _files(folder: Any, parts: tuple[str, ...] = ()) -> list[tuple[Any, tuple[str, ...]]]:
+    """(path, relative parts) of every file under ``folder``, one listing per folder (a bucket
+    has no recursive glob)."""
+    out = []
+    for p in sorted(folder.iterdir(), key=lambda q: q.name):
+        if p.is_dir():
+            out += _files(p, (*parts, p.name))
+        else:
+            out.append((p, (*parts, p.name)))
+    return out
