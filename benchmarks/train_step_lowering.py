@@ -5,13 +5,13 @@ FLOPs per sample (against SPEC's analytic 20.3 TFLOP) and the per-device memory 
     python benchmarks/train_step_lowering.py [--batch 8] [--fsdp 8] [--no-remat] [--no-compile]
 
 FLOPs come from lowering a copy with every scanned stack unrolled (XLA's cost analysis counts a
-scan body once); memory from compiling the scanned program as training would run it.
+scan body once); memory from compiling the scanned program as training would run it. The step
+is built by ``sdxl_jax.plan.lower_train_step``, which ``python -m sdxl_jax.plan`` also uses.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -34,53 +34,27 @@ def main() -> None:
     )
 
     import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from sdxl_jax import sharding as sh
     from sdxl_jax.models.unet import UNetConfig
-    from sdxl_jax.train.state import init_state, make_optimizer
-    from sdxl_jax.train.step import StepConfig, split_models, train_step
-    from sdxl_jax.weights.components import COMPONENTS
+    from sdxl_jax.plan import lower_train_step, xla_flops
+    from sdxl_jax.train.state import make_optimizer
 
     mesh = sh.make_mesh({"fsdp": args.fsdp})
     h = args.size // 8
     b = args.batch
-    S = jax.ShapeDtypeStruct
-    batch = {
-        "latent_mean": S((b, h, h, 4), jnp.float16),
-        "latent_logvar": S((b, h, h, 4), jnp.float16),
-        "context": S((b, 77, 2048), jnp.float16),
-        "pooled": S((b, 1280), jnp.float16),
-        "original_size": S((b, 2), jnp.int32),
-        "crop_coords_top_left": S((b, 2), jnp.int32),
-        "target_size": S((b, 2), jnp.int32),
-    }
-    batch_sh = {k: NamedSharding(mesh, P(sh.BATCH_AXES)) for k in batch}
     optimizer = make_optimizer(lr=1e-4, warmup_steps=1000, total_steps=600_000)
-    step_cfg = StepConfig(compute_dtype="bfloat16")
 
     def lowered(unroll: bool):
-        cfg = UNetConfig.sdxl_base(remat=not args.no_remat, scan_unroll=unroll)
-        unet = COMPONENTS["unet"].abstract(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32)
-        graphs, params, _ = split_models(unet)
-        state = jax.eval_shape(lambda p: init_state(p, optimizer, 0), params)
-        state_sh = sh.tree_shardings(state, mesh)
-        step = functools.partial(train_step, graphs=graphs, cfg=step_cfg, optimizer=optimizer)
-        fn = jax.jit(
-            step,
-            in_shardings=(state_sh, batch_sh),
-            out_shardings=(state_sh, None),
-            donate_argnums=0,
-        )
-        return fn.lower(state, batch), state
+        return lower_train_step(
+            UNetConfig.sdxl_base(), (h, h), b, mesh, remat=not args.no_remat, unroll=unroll,
+            optimizer=optimizer,
+        )  # fmt: skip
 
     t0 = time.perf_counter()
     low_unrolled, state = lowered(unroll=True)
     t_lower_unrolled = time.perf_counter() - t0
-    cost = low_unrolled.cost_analysis() or {}
-    flops = float(cost.get("flops", 0.0))
+    flops = xla_flops(low_unrolled)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(f"UNet parameters: {n_params:,}; mesh {dict(mesh.shape)}; global batch {b}; "
           f"{args.size}^2 (latents {h}^2); remat {not args.no_remat}")  # fmt: skip

@@ -1,10 +1,18 @@
 import os
+import tempfile
 
 # Tests run on the CPU in fp32; 8 simulated devices exercise sharding.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+# One persistent XLA cache for the session's processes and the trainer runs they start: a
+# program compiled once (the same tiny step in several tests or launches) is loaded after.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"sdxl_jax_tests_xla_{os.getuid()}"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import pytest  # noqa: E402
 

@@ -20,6 +20,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+BATCH_MESH_AXES = ("data", "fsdp")  # as sdxl_jax.sharding.BATCH_AXES (no import cycle)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Keep an activation split over the batch axes (data, fsdp) of the mesh in context
+    (``jax.set_mesh``, as the train step sets it); a no-op without one. Without these hints
+    XLA's partitioner may gather the batch to meet fsdp-sharded weights and repeat the work on
+    every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
 Dtype = Any
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
@@ -220,7 +237,7 @@ def scan_apply(
     graph, state = nnx.split(stack)
 
     def body(h: jax.Array, layer_state: Any) -> tuple[jax.Array, jax.Array | None]:
-        h = nnx.merge(graph, layer_state)(h, *args)
+        h = constrain_batch(nnx.merge(graph, layer_state)(h, *args))
         return h, (h if collect else None)
 
     if remat:
@@ -261,7 +278,7 @@ class ResnetBlock2D(nnx.Module):
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return x + h
+        return constrain_batch(x + h)
 
 
 class Downsample2D(nnx.Module):

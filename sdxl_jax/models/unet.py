@@ -422,7 +422,7 @@ class Transformer2DModel(nnx.Module):
         y = layers.scan_apply(
             self.transformer_blocks, y, context, remat=self.remat, unroll=self.unroll
         )
-        return x + self.proj_out(y).reshape(b, h, w, c)
+        return layers.constrain_batch(x + self.proj_out(y).reshape(b, h, w, c))
 
 
 def level_attentions(

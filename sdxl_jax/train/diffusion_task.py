@@ -242,7 +242,8 @@ class DiffusionTask:
         return state
 
     def step(self, state: Any, batch: Mapping[str, jax.Array]) -> tuple[Any, dict]:
-        return self._step(state, dict(batch), self.frozen)
+        with jax.set_mesh(self.mesh):  # activations stay batch-split (layers.constrain_batch)
+            return self._step(state, dict(batch), self.frozen)
 
     # -- previews and export ---------------------------------------------------------------
 

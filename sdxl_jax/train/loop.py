@@ -199,7 +199,8 @@ def run_stage(
 def _stage_names(config: Any) -> list[str]:
     """The names in ``config`` that may be earlier stages of the workdir (init_from, model.vae,
     model.checkpoint): their exports and final EMA weights are fetched to a fresh host."""
-    names = [config.get("init_from", ""), config.model.get("vae", ""), config.model.checkpoint]
+    names = [config.get(k, "") for k in ("init_from",)]
+    names += [config.model.get(k, "") for k in ("vae", "checkpoint")]
     return [n for n in names if n and "/" not in n and "." not in n]
 
 

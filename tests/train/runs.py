@@ -27,8 +27,14 @@ def make_parts(root: Path) -> dict[str, Path]:
     vae = AutoencoderKL(VAEConfig.tiny(), rngs=nnx.Rngs(0))
     diffusers_io.save_component(vae, root / "vae_export", "vae")
     data, _ = prepared_dataset(root / "data", 96, ("tiny_square_32", "tiny_aspect_64"))
+    # Latents and text embeddings for tiny_square_32 (base_256:tiny), built once for every run
+    # (data.cache=auto would build it again in each run's workdir).
+    from sdxl_jax.data import cache
+
+    cache.build_cache(data, root / "frozen", root / "latents_32", bucket_set="tiny_square_32",
+                      vae=root / "vae_export", dtype="float32", progress=False)  # fmt: skip
     return {"frozen": root / "frozen", "vae": root / "vae_export", "data": data,
-            "cache": root / "xla_cache"}  # fmt: skip
+            "latents": root / "latents_32", "cache": root / "xla_cache"}  # fmt: skip
 
 
 def overrides(parts, **extra) -> dict[str, str]:
@@ -37,6 +43,7 @@ def overrides(parts, **extra) -> dict[str, str]:
         "model.checkpoint": parts["frozen"],
         "model.vae": parts["vae"],
         "data.path": parts["data"],
+        "data.cache": parts["latents"],  # base_256:tiny's buckets; other stages: pass "auto"
         "optim.total_steps": STEPS,
         "optim.warmup_steps": 3,
         "log.every_steps": 1,
@@ -62,7 +69,10 @@ def config_with(module, parts, **extra):
 def _env(parts, **more) -> dict[str, str]:
     return {
         **os.environ,
-        "JAX_COMPILATION_CACHE_DIR": str(parts["cache"]),
+        # the session's persistent compilation cache (tests/conftest.py), or this one
+        "JAX_COMPILATION_CACHE_DIR": os.environ.get(
+            "JAX_COMPILATION_CACHE_DIR", str(parts["cache"])
+        ),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "PYTHONPATH": str(ROOT),
         **more,
