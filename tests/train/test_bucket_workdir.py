@@ -39,8 +39,8 @@ def test_a_fresh_host_resumes_from_the_bucket(parts, tmp_path):
     assert json.loads((bucket / "base_256" / "summary.json").read_text())["step"] == 6
 
     # the next stage, on a third host, starts from base_256's final EMA fetched from the bucket
-    c2 = config_with(base_1024, parts, **{"init_from": "base_256", "optim.total_steps": 1,
-                                         "optim.warmup_steps": 0, "data.cache": "auto"})  # fmt: skip
+    extra = {"optim.total_steps": 1, "optim.warmup_steps": 0, "data.cache": "auto"}
+    c2 = config_with(base_1024, parts, init_from="base_256", **extra)
     third = loop.run_stage(c2, Workdir(bucket, local=tmp_path / "host3"), quiet=True)
     assert third.status == "finished"
     assert (tmp_path / "host3" / "base_256" / "final_ema").is_dir()
