@@ -31,19 +31,13 @@ def trace(workdir: Path, process: int) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
-@pytest.fixture(scope="module")
-def runs(parts, tmp_path_factory):
-    one = tmp_path_factory.mktemp("one_process")
-    two = tmp_path_factory.mktemp("two_processes")
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_their_checkpoint_continues_in_one(parts, tmp_path):
+    # One test (not two sharing a fixture): pytest-xdist would run the fixture on each worker.
+    one, two = tmp_path / "one_process", tmp_path / "two_processes"
     finish(launch(parts, one, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
                   **SETTINGS))  # fmt: skip
-    out = finish(launch_local(parts, two, processes=2, devices=2, **SETTINGS))
-    return one, two, out
-
-
-@pytest.mark.slow
-def test_two_processes_train_like_one(runs):
-    one, two, out = runs
+    finish(launch_local(parts, two, processes=2, devices=2, **SETTINGS))
     ref, got = losses(one), losses(two)
     assert sorted(ref) == list(range(1, STEPS + 1))
     assert sorted(got) == sorted(ref)
@@ -70,10 +64,6 @@ def test_two_processes_train_like_one(runs):
     assert (two / "base_256" / "export" / "unet" / "config.json").exists()
     assert not (two / "base_256" / "data_trace" / "process_2.jsonl").exists()
 
-
-@pytest.mark.slow
-def test_two_process_checkpoint_continues_in_one_process_on_another_mesh(parts, runs, tmp_path):
-    one, two, _ = runs
     # the 2-process run as it was at step 4: its checkpoint of step 4, nothing after
     work = tmp_path / "resume"
     shutil.copytree(two, work, ignore=shutil.ignore_patterns("logs", "data_trace"))
