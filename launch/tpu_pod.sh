@@ -156,22 +156,8 @@ recreated"
 fi
 
 # ---- Commands: every one goes through run, which prints it (--dry-run) or runs it ----------
-quote() { # shell-quote one word, leaving plain words and the --flag= of --flag=value readable
-  local s=$1 q="'"
-  if [[ $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$s"
-  elif [[ $s =~ ^(--[A-Za-z0-9_.-]+=)(.+)$ ]]; then
-    printf '%s' "${BASH_REMATCH[1]}"
-    quote "${BASH_REMATCH[2]}"
-  else
-    printf "'%s'" "${s//$q/$q\\$q$q}"
-  fi
-}
-quote_all() {
-  local a line=''
-  for a in "$@"; do line+="${line:+ }$(quote "$a")"; done
-  printf '%s' "$line"
-}
+# shellcheck source=launch/quote.sh
+source "$(dirname "${BASH_SOURCE[0]}")/quote.sh"  # quote, quote_all
 exec 3>&1 # the dry run prints here, also from inside $(...)
 run() {
   if ((dry_run)); then
