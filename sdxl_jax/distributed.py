@@ -266,14 +266,31 @@ def multi_process() -> bool:
     return _started is not None and _started.multi
 
 
+BARRIER_TIMEOUT_S = float(os.environ.get("SDXL_BARRIER_TIMEOUT_S", 3600))
+_barriers = 0
+
+
 def barrier(name: str) -> None:
-    """Every process waits here until all arrive (no-op with one process)."""
+    """Every process waits here until all arrive (no-op with one process).
+
+    The wait is the coordination service's (``SDXL_BARRIER_TIMEOUT_S``, default an hour: process
+    0 may be building a latent cache meanwhile), not a device collective: on CPU a gloo
+    collective gives up when its peers are 30 s late, which a slower host easily is."""
     import jax
 
-    if jax.process_count() > 1:
+    global _barriers
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the client has no public handle
+
+    client = jax_distributed.global_state.client
+    _barriers += 1  # every process calls the same barriers in the same order
+    if client is None:  # not started through jax.distributed (cannot happen via initialize)
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(f"sdxl:{_barriers}:{name}", int(BARRIER_TIMEOUT_S * 1000))
 
 
 def lead_first(name: str, done: Callable[[], bool], build: Callable[[], object]) -> None:

@@ -251,6 +251,9 @@ class AutoencoderTask:
     def step(self, state: AEState, batch: Any) -> tuple[AEState, dict[str, jax.Array]]:
         return self._step(state, {k: batch[k] for k in self.batch_keys}, self.lpips)
 
+    def compile_step(self, state: AEState, batch: Any) -> None:
+        self._step.lower(state, {k: batch[k] for k in self.batch_keys}, self.lpips).compile()
+
     def preview(self, state: AEState) -> np.ndarray | None:
         """Originals (top row) above the EMA's reconstructions (bottom row), uint8."""
         x = self._fixed_images("preview", self.config.ae.preview_images)

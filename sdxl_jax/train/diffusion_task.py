@@ -245,6 +245,10 @@ class DiffusionTask:
         with jax.set_mesh(self.mesh):  # activations stay batch-split (layers.constrain_batch)
             return self._step(state, dict(batch), self.frozen)
 
+    def compile_step(self, state: Any, batch: Mapping[str, jax.Array]) -> None:
+        with jax.set_mesh(self.mesh):
+            self._step.lower(state, dict(batch), self.frozen).compile()
+
     # -- previews and export ---------------------------------------------------------------
 
     def sample(

@@ -298,6 +298,7 @@ def _run(
     status = "finished"
     pending: tuple[int, dict, tuple[int, int]] | None = None
     save_due = False
+    multi, compiled = jax.process_count() > 1, set()
     saved = latest  # the step of the newest checkpoint (orbax refuses to save a step twice)
 
     def absorb(step: int, metrics: dict, bucket: tuple[int, int]) -> None:
@@ -342,6 +343,14 @@ def _run(
                     rows = np.asarray(host["index"]).tolist()
                     trace.write(json.dumps({"step": step, "bucket": bucket, "index": rows}) + "\n")
                 batch = data_pipeline.to_global(_host_arrays(task, host), mesh, sharding.BATCH_AXES)
+                shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
+                if multi and shapes not in compiled:
+                    # Processes compile at different speeds; the first run of a program with
+                    # collectives must not start on one while another still compiles (gloo
+                    # waits only 30 s for its peers): compile, wait for all, then run.
+                    task.compile_step(state, batch)
+                    distributed.barrier(f"{config.stage} step {bucket}")
+                    compiled.add(shapes)
                 state, metrics = task.step(state, batch)
                 if pending is not None:
                     absorb(*pending)

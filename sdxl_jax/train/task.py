@@ -35,6 +35,11 @@ class Task(Protocol):
     def step(self, state: Any, batch: Mapping[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
         """One train step (jitted, the state donated); metrics are scalars, ``loss`` among them."""
 
+    def compile_step(self, state: Any, batch: Mapping[str, jax.Array]) -> None:
+        """Compile (not run) the step for this batch's shapes; a later ``step`` reuses it. The
+        loop calls it before the first step of each shape when several processes must start
+        that step together."""
+
     def preview(self, state: Any) -> np.ndarray | None:
         """A uint8 image grid [H, W, 3] showing progress (samples, reconstructions), or None."""
 

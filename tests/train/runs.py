@@ -107,12 +107,14 @@ def launch_local(
     devices: int,
     config: str = "experiments/base_256.py:tiny",
     flags=(),
+    module: str = "sdxl_jax.train",
     **extra,
 ) -> subprocess.Popen:
     """``processes`` trainer processes with ``devices`` CPU devices each, via launch/local.sh."""
     cmd = [
         "bash", str(ROOT / "launch" / "local.sh"), "-n", str(processes),
-        "--devices-per-process", str(devices), "--log-dir", str(workdir / "logs"), "--",
+        "--devices-per-process", str(devices), "--log-dir", str(workdir / "logs"),
+        "--module", module, "--",
         *trainer_args(parts, workdir, config, flags, **extra),
     ]  # fmt: skip
     env = _env(parts, PYTHON=sys.executable)
