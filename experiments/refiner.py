@@ -2,6 +2,10 @@
 
 python -m sdxl_jax.train --config experiments/refiner.py --workdir gs://BUCKET/run
 python -m sdxl_jax.train --config experiments/refiner.py:tiny --workdir /tmp/run   # CPU
+
+At toy size the refiner has the base's architecture apart from its text inputs, so the tiny
+curriculum starts it from the base (``--config.init_from=base_1024``: sdxl_jax/train/warm_start.py);
+the full-size refiner is its own model and starts at random, as in the paper.
 """
 
 import ml_collections

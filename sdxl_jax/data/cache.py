@@ -200,15 +200,24 @@ class CachedSource:
         self.crop_coords_top_left = index["crop_coords_top_left"]
         self.target_size = index["target_size"]
         self.meta = json.loads((self.path / META).read_text())
-        self._arrays: dict[int, dict[str, np.ndarray]] = {}
+        self._open()
+
+    def _open(self) -> None:
+        """Map every bucket's arrays now, in the thread that builds (or unpickles) the source:
+        np.load parses headers with ast, and CPython 3.11 races when threads parse at once
+        ("SystemError: AST constructor recursion depth mismatch"), so loader threads must not."""
+        used = np.unique(self.bucket[self.row >= 0])
+        self._arrays: dict[int, dict[str, np.ndarray]] = {
+            int(b): {
+                n: np.load(self.path / f"bucket_{b}" / f"{n}.npy", mmap_mode="r") for n in ARRAYS
+            }
+            for b in used
+        }
 
     def __len__(self) -> int:
         return len(self.bucket)
 
     def _bucket_arrays(self, b: int) -> dict[str, np.ndarray]:
-        if b not in self._arrays:
-            folder = self.path / f"bucket_{b}"
-            self._arrays[b] = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in ARRAYS}
         return self._arrays[b]
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
@@ -227,8 +236,12 @@ class CachedSource:
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for grain workers: reopen memmaps
         state = dict(self.__dict__)
-        state["_arrays"] = {}
+        del state["_arrays"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,13 +6,16 @@
 1. ``autoencoder``: the tiny VAE (4x downsampling) with L1 + KL + PatchGAN, EMA;
 2. ``base_256``: the tiny base UNet at 32^2 (the paper's low-resolution stage);
 3. ``base_1024``: from its EMA weights, multi-aspect 64^2-pixel buckets with offset noise;
-4. ``refiner``: the tiny refiner UNet on the first 200 noise levels;
+4. ``refiner``: the tiny refiner UNet on the first 200 noise levels, starting from
+   ``base_1024``'s EMA (at toy size it has the base's architecture apart from its text
+   inputs, see :mod:`sdxl_jax.train.warm_start`); the paper trains its refiner apart;
 
 then samples every caption of the synthetic dataset with the base + refiner exports through
 ``python -m sdxl_jax.sample`` and prints the exact caption-match scores
 (:mod:`sdxl_jax.data.synthetic`) next to chance. The frozen text encoders are tiny random CLIPs
 with a tokenizer for the synthetic vocabulary (``<workdir>/frozen``). Rerunning the command
 resumes: finished stages are skipped, an interrupted one continues from its last checkpoint.
+The diffusion stages weight their loss with min-SNR-gamma 5 (``experiments/common.py`` tiny).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from sdxl_jax.train.diffusion_task import TINY_FROZEN
 
 STAGES = ("autoencoder", "base_256", "base_1024", "refiner")
 # Steps per stage, calibrated so the whole run stays under 15 minutes on 2 CPU cores.
-STEPS = {"base_256": 400, "base_1024": 750, "refiner": 150}
+STEPS = {"base_256": 250, "base_1024": 700, "refiner": 100}
 EVAL = dict(images_per_caption=2, steps=30, guidance=7.0, size=64, seed=1234)
 
 
@@ -67,6 +70,7 @@ def stage_configs(steps: dict[str, int] | None = None) -> list[Any]:
             c.init_from = "base_256"  # the 512^2 stage is left out at toy size
         if c.stage == "refiner":
             c.data.bucket_set = "tiny_square_64"  # one compiled shape: CPU compiles cost ~25 s
+            c.init_from = "base_1024"  # same architecture at toy size (train/warm_start.py)
         c.log.sample_every_steps = 0  # the final evaluation samples; compiles cost time here
         configs.append(c)
     return configs

@@ -40,10 +40,11 @@ from sdxl_jax.diffusion import pipeline as sample_pipeline
 from sdxl_jax.diffusion import samplers
 from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, plan
 from sdxl_jax.models import vae as vae_lib
-from sdxl_jax.models.unet import UNet2DConditionModel
+from sdxl_jax.models.unet import UNet2DConditionModel, UNetConfig
 from sdxl_jax.train import config as config_lib
 from sdxl_jax.train import state as state_lib
 from sdxl_jax.train import step as step_lib
+from sdxl_jax.train import warm_start
 from sdxl_jax.weights import diffusers_io, formats
 
 TINY_FROZEN = "frozen"  # tiny configs: random tiny text encoders, made in the workdir on first use
@@ -228,6 +229,23 @@ class DiffusionTask:
         exported = stage_export(self.config.init_from, self.workdir)
         if exported is not None:
             stage_dir = exported.parent
+            source = self._stage_unet_config(exported) if self.refiner else None
+            if source is not None and source.projection_class_embeddings_input_dim != (
+                self.unet_config.projection_class_embeddings_input_dim
+            ):  # a refiner starting from a base stage (the tiny curriculum's refiner)
+                base_abstract = nnx.split(
+                    nnx.eval_shape(lambda: UNet2DConditionModel(source, rngs=nnx.Rngs(0))),
+                    nnx.Param,
+                    ...,
+                )[1]
+                base_shardings = sharding.tree_shardings(base_abstract, self.mesh)
+                base = ckpt_lib.load_final_ema(
+                    stage_dir, ckpt_lib.abstract_like(base_abstract, base_shardings)
+                )
+                params = warm_start.refiner_from_base(
+                    base, source, self._abstract_params, self.unet_config
+                )
+                return jax.device_put(params, param_shardings)
             abstract = ckpt_lib.abstract_like(self._abstract_params, param_shardings)
             return ckpt_lib.load_final_ema(stage_dir, abstract)
         if self.init_checkpoint is not None:
@@ -240,6 +258,12 @@ class DiffusionTask:
             return nnx.split(unet, nnx.Param, ...)[1]
         _, state = sharding.init_sharded(self._make, self.mesh, seed=self.config.seed)
         return state
+
+    @staticmethod
+    def _stage_unet_config(export: Path) -> UNetConfig | None:
+        """The UNet config of a previous stage's export (diffusers config.json), if exported."""
+        path = export / "unet" / "config.json"
+        return UNetConfig.from_reference(json.loads(path.read_text())) if path.exists() else None
 
     def step(self, state: Any, batch: Mapping[str, jax.Array]) -> tuple[Any, dict]:
         with jax.set_mesh(self.mesh):  # activations stay batch-split (layers.constrain_batch)

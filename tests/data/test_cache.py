@@ -81,3 +81,34 @@ def test_pipeline_reads_the_cache(tiny_sdxl, tmp_path):
             np.testing.assert_array_equal(a[key], b[key])  # centre crops in both
         for row, i in enumerate(b["index"]):
             np.testing.assert_array_equal(b["context"][row], cached[int(i)]["context"])
+
+
+def test_loader_threads_never_parse_npy_headers(tmp_path, monkeypatch):
+    # np.load parses .npy headers with ast; CPython 3.11 raises "SystemError: AST constructor
+    # recursion depth mismatch" when threads parse at once (seen in a curriculum run). The
+    # source maps every bucket when built or unpickled, so reads from threads load nothing.
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    buckets, per = 3, 4
+    n = buckets * per
+    np.savez(tmp_path / cache.INDEX, bucket=np.repeat(np.arange(buckets), per),
+             row=np.tile(np.arange(per), buckets), original_size=np.zeros((n, 2)),
+             crop_coords_top_left=np.zeros((n, 2)), target_size=np.zeros((n, 2)))  # fmt: skip
+    (tmp_path / cache.META).write_text("{}")
+    for b in range(buckets):
+        (tmp_path / f"bucket_{b}").mkdir()
+        for name in cache.ARRAYS:
+            rows = np.arange(per, dtype=np.float32)[:, None] + 10 * b
+            np.save(tmp_path / f"bucket_{b}" / f"{name}.npy", rows)
+    sources = [cache.CachedSource(tmp_path)]
+    sources.append(pickle.loads(pickle.dumps(sources[0])))  # as a grain worker gets it
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("np.load called while reading records")
+
+    monkeypatch.setattr(np, "load", no_load)
+    for src in sources:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda i, src=src: float(src[i]["context"][0]), range(n)))
+        assert got == [10.0 * (i // per) + i % per for i in range(n)]

@@ -45,6 +45,8 @@ def test_tiny_variants_of_every_stage_run_in_curriculum_order(tmp_path):
         shorten(c, data)
         if c.stage == "autoencoder":
             c.ae.scale_images = 16
+        if c.stage == "refiner":
+            c.init_from = "base_1024"  # as the tiny curriculum: the refiner from the base
         result = loop.run_stage(c, workdir, quiet=True)
         assert result.status == "finished", c.stage
         stage = workdir / c.stage
