@@ -31,7 +31,7 @@ from sdxl_jax.train.diffusion_task import TINY_FROZEN
 
 STAGES = ("autoencoder", "base_256", "base_1024", "refiner")
 # Steps per stage, calibrated so the whole run stays under 15 minutes on 2 CPU cores.
-STEPS = {"base_256": 250, "base_1024": 700, "refiner": 100}
+STEPS = {"base_256": 200, "base_1024": 1050, "refiner": 80}
 EVAL = dict(images_per_caption=2, steps=30, guidance=7.0, size=64, seed=1234)
 
 
