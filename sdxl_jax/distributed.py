@@ -283,14 +283,10 @@ def barrier(name: str) -> None:
         return
     from jax._src import distributed as jax_distributed  # the client has no public handle
 
-    client = jax_distributed.global_state.client
     _barriers += 1  # every process calls the same barriers in the same order
-    if client is None:  # not started through jax.distributed (cannot happen via initialize)
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-        return
-    client.wait_at_barrier(f"sdxl:{_barriers}:{name}", int(BARRIER_TIMEOUT_S * 1000))
+    jax_distributed.global_state.client.wait_at_barrier(
+        f"sdxl:{_barriers}:{name}", int(BARRIER_TIMEOUT_S * 1000)
+    )
 
 
 def lead_first(name: str, done: Callable[[], bool], build: Callable[[], object]) -> None:

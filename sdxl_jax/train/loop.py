@@ -343,8 +343,8 @@ def _run(
                     rows = np.asarray(host["index"]).tolist()
                     trace.write(json.dumps({"step": step, "bucket": bucket, "index": rows}) + "\n")
                 batch = data_pipeline.to_global(_host_arrays(task, host), mesh, sharding.BATCH_AXES)
-                shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
-                if multi and shapes not in compiled:
+                shapes = multi and tuple((k, v.shape) for k, v in sorted(batch.items()))
+                if shapes and shapes not in compiled:
                     # Processes compile at different speeds; the first run of a program with
                     # collectives must not start on one while another still compiles (gloo
                     # waits only 30 s for its peers): compile, wait for all, then run.
