@@ -6,7 +6,8 @@ FLOPs per sample (against SPEC's analytic 20.3 TFLOP) and the per-device memory 
 
 FLOPs come from lowering a copy with every scanned stack unrolled (XLA's cost analysis counts a
 scan body once); memory from compiling the scanned program as training would run it. The step
-is built by ``sdxl_jax.plan.lower_train_step``, which ``python -m sdxl_jax.plan`` also uses.
+is built by ``sdxl_jax.train.lowering.lower_train_step``, which ``python -m sdxl_jax.plan``
+also uses.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def main() -> None:
 
     from sdxl_jax import sharding as sh
     from sdxl_jax.models.unet import UNetConfig
-    from sdxl_jax.plan import lower_train_step, xla_flops
+    from sdxl_jax.train.lowering import lower_train_step, xla_flops
     from sdxl_jax.train.state import make_optimizer
 
     mesh = sh.make_mesh({"fsdp": args.fsdp})

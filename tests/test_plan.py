@@ -9,6 +9,7 @@ import pytest
 
 from sdxl_jax import plan
 from sdxl_jax.models.unet import UNetConfig
+from sdxl_jax.train import lowering
 
 # -- FLOPs: XLA against the architecture -----------------------------------------------------
 
@@ -105,7 +106,7 @@ def test_conv_taps_by_hand():
 
 def test_xla_flops_per_sample_match_the_closed_form():
     cfg = UNetConfig.tiny()
-    xla = plan.flops_per_sample(cfg, (32, 32), compute_dtype="float32")
+    xla = lowering.flops_per_sample(cfg, (32, 32), compute_dtype="float32")
     ours = closed_form_train_flops(cfg, 32, 32)
     # XLA counts all of the closed form's multiply-adds and also the elementwise work it leaves
     # out: norms, activations, softmax, the loss, noising, AdamW + EMA (~30 FLOPs per parameter
@@ -142,17 +143,17 @@ def test_param_bytes_per_device_by_hand():
     lin = layers.linear(64, 128, ("embed", "mlp"), **kw)  # kernel [64, 128], bias [128]
     params = nnx.state(lin, nnx.Param)
     whole = (64 * 128 + 128) * 4
-    assert plan.param_bytes_per_device(params, {}) == whole
+    assert lowering.param_bytes_per_device(params, {}) == whole
     # embed -> fsdp: the kernel's 64 rows split 4 ways; the bias (mlp -> tensor = 1) stays whole.
-    assert plan.param_bytes_per_device(params, {"fsdp": 4}) == (16 * 128 + 128) * 4
+    assert lowering.param_bytes_per_device(params, {"fsdp": 4}) == (16 * 128 + 128) * 4
     # 3 does not divide 64: the kernel stays whole (the sharding rules' fallback).
-    assert plan.param_bytes_per_device(params, {"fsdp": 3}) == whole
+    assert lowering.param_bytes_per_device(params, {"fsdp": 3}) == whole
     # mlp -> tensor: kernel columns and bias split 2 ways, as well as rows 4 ways.
-    assert plan.param_bytes_per_device(params, {"fsdp": 4, "tensor": 2}) == (16 * 64 + 64) * 4
+    assert lowering.param_bytes_per_device(params, {"fsdp": 4, "tensor": 2}) == (16 * 64 + 64) * 4
 
 
 def test_memory_by_hand():
-    act = plan.Activations(per_sample=2e9, other=0.5e9, latent_pixels=100, source="test")
+    act = lowering.Activations(per_sample=2e9, other=0.5e9, latent_pixels=100, source="test")
     # 1 GB of params per device: state 4 GB + grads 1 GB + other 0.5 GB = 5.5 GB fixed; a
     # sample at twice the latent pixels: 4 GB; 3 samples: 17.5 GB; 20 GB holds floor(14.5/4).
     m = plan.memory(1e9, act, latent_pixels=200, batch=3, hbm=20e9)
