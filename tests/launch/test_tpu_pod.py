@@ -1,16 +1,12 @@
-"""launch/tpu_pod.sh and launch/gpu_slurm.sh without a cloud or a cluster.
+"""launch/tpu_pod.sh without a cloud.
 
-- both parse (``bash -n``), ``--help`` names every option, a missing option fails naming it;
-- tpu_pod.sh --dry-run prints create -> scp --worker=all -> pip install on --worker=all -> start
-  on --worker=all -> follow worker 0, runnable as printed: the printed lines run against a fake
+- --dry-run prints create -> scp --worker=all -> pip install on --worker=all -> start on
+  --worker=all -> follow worker 0, runnable as printed: the printed lines run against a fake
   gcloud, and the start command they carry, run here with a fake python, hands the trainer the
   exact arguments (spaces and quotes included) and records exit codes and SIGTERMs;
 - its control flow (create if missing, recreate after a preemption, restart after a SIGTERM, stop
   on exit 0, fail on 2/3) against a fake gcloud answering ``describe`` and the trainer's state
-  from scripted sequences;
-- gpu_slurm.sh's sbatch script (directives, srun line) run with fake srun/scancel/scontrol and
-  python: the trainer's arguments, SDXL_LOCAL_DEVICE_IDS per GPU, exit codes, the requeue before
-  the time limit; and the submit path with a fake sbatch.
+  from scripted sequences.
 """
 
 from __future__ import annotations
@@ -19,119 +15,22 @@ import contextlib
 import os
 import shlex
 import signal
-import stat
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-TPU = ROOT / "launch" / "tpu_pod.sh"
-SLURM = ROOT / "launch" / "gpu_slurm.sh"
-
-NAME = "sdxl-test"
-TPU_REQUIRED = {
-    "--name": NAME,
-    "--zone": "us-central2-b",
-    "--project": "my-proj",
-    "--accelerator-type": "v4-32",
-    "--config": "experiments/base_256.py",
-    "--workdir": "gs://bucket/run",
-}
-SLURM_REQUIRED = {
-    "--nodes": "2",
-    "--gpus-per-node": "4",
-    "--config": "experiments/base_256.py",
-    "--workdir": "/shared/my runs",
-}
-EXTRA = ["--config.optim.lr=3e-4", "--config.data.path=/data/my photos", 'it\'s "odd"']
-
-
-def flags(options: dict[str, str]) -> list[str]:
-    return [w for k, v in options.items() for w in (k, v)]
-
-
-def write_exe(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return path
-
-
-def run(cmd: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=20, env={**os.environ, **(env or {})}, **kw
-    )
-
-
-def wait_for(path: Path, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and path.read_text().endswith("\n")):
-        assert time.monotonic() < deadline, f"{path} never written"
-        time.sleep(0.05)
-    return path.read_text().strip()
-
-
-# ---- Both scripts ------------------------------------------------------------------------------
-TPU_OPTIONS = [*TPU_REQUIRED, "--spot", "--queued", "--runtime-version", "--dry-run", "--help"]
-SLURM_OPTIONS = [
-    *SLURM_REQUIRED,
-    "--process-per",
-    "--partition",
-    "--time",
-    "--account",
-    "--job-name",
-    "--log-dir",
-    "--dry-run",
-    "--help",
-]
-
-
-@pytest.mark.parametrize("script", [TPU, SLURM], ids=["tpu", "slurm"])
-def test_bash_syntax(script):
-    assert run(["bash", "-n", str(script)]).returncode == 0
-
-
-@pytest.mark.parametrize(
-    "script,options", [(TPU, TPU_OPTIONS), (SLURM, SLURM_OPTIONS)], ids=["tpu", "slurm"]
+from tests.launch.scripts import (
+    EXTRA,
+    NAME,
+    TPU,
+    TPU_REQUIRED,
+    flags,
+    run,
+    wait_for,
+    write_exe,
 )
-def test_help_names_every_option(script, options):
-    out = run([str(script), "--help"])
-    assert out.returncode == 0, out.stderr
-    for option in options:
-        assert option in out.stdout, option
-    assert "Examples:" in out.stdout
-
-
-@pytest.mark.parametrize(
-    "script,required,missing",
-    [(TPU, TPU_REQUIRED, k) for k in TPU_REQUIRED]
-    + [(SLURM, SLURM_REQUIRED, k) for k in SLURM_REQUIRED],
-)
-def test_missing_option_is_named(script, required, missing):
-    options = {k: v for k, v in required.items() if k != missing}
-    out = run([str(script), *flags(options), "--dry-run"])
-    assert out.returncode == 2
-    assert f"missing required option(s): {missing}" in out.stderr
-    assert out.stdout == ""
-
-
-@pytest.mark.parametrize(
-    "script,bad,message",
-    [
-        (TPU, {"--config": "experiments/nope.py"}, "--config 'experiments/nope.py': no file"),
-        (TPU, {"--accelerator-type": "tpu7x-8"}, "pass --runtime-version"),
-        (TPU, {"--name": "My_TPU"}, "--name 'My_TPU'"),
-        (SLURM, {"--process-per": "socket"}, "--process-per 'socket'"),
-        (SLURM, {"--nodes": "two"}, "--nodes 'two'"),
-    ],
-)
-def test_bad_option_value_is_named(script, bad, message):
-    required = TPU_REQUIRED if script == TPU else SLURM_REQUIRED
-    out = run([str(script), *flags({**required, **bad}), "--dry-run"])
-    assert out.returncode == 2
-    assert message in out.stderr
 
 
 # ---- tpu_pod.sh --dry-run --------------------------------------------------------------------
@@ -489,165 +388,3 @@ def test_tpu_queued_spot_waits_for_capacity_and_requeues_after_preemption(tmp_pa
         if k == "qr-delete":
             assert "--force" in c
     assert "WAITING_FOR_RESOURCES" in out.stderr
-
-
-# ---- gpu_slurm.sh ------------------------------------------------------------------------------
-def slurm_dry_run(tmp_path: Path, *options: str) -> tuple[str, str, Path]:
-    """(script, sbatch command, script path) from --dry-run."""
-    out = run(
-        [
-            str(SLURM),
-            *flags(SLURM_REQUIRED),
-            "--log-dir",
-            str(tmp_path / "logs"),
-            *options,
-            "--dry-run",
-            "--",
-            *EXTRA,
-        ]
-    )
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert lines[0] == f"mkdir -p {tmp_path / 'logs'}"
-    head = shlex.split(lines[1])
-    assert head[:2] == ["cat", ">"] and head[3] == "<<SBATCH"  # a quoted here-document
-    assert lines[-2] == "SBATCH"
-    return "\n".join(lines[2:-2]) + "\n", lines[-1], Path(head[2])
-
-
-SLURM_FAKES = {
-    "srun": 'printf "%s\\n" "$*" >> "$FAKE/srun"\nwhile [[ $1 == -* ]]; do shift; done\n'
-    'SLURM_LOCALID=3 "$@"\n',
-    "scancel": 'echo "$*" >> "$FAKE/scancel"\nkill -TERM "$(cat "$FAKE/python.pid")"\n',
-    "scontrol": 'echo "$*" >> "$FAKE/scontrol"\n',
-    "python": 'printf "%s\\0" "$@" > "$FAKE/argv"\necho "${SDXL_LOCAL_DEVICE_IDS-unset}" > '
-    '"$FAKE/ids"\necho $$ > "$FAKE/python.pid"\nif [ -n "${FAKE_WAIT:-}" ]; then\n'
-    "  trap 'exit 0' TERM\n  while :; do sleep 0.05; done\nfi\n"
-    'exit "${FAKE_RC:-0}"\n',
-}
-
-
-def slurm_job(tmp_path: Path, script: str, **env: str) -> tuple[subprocess.Popen, Path]:
-    """Runs the sbatch script as Slurm would, with fake srun, scancel, scontrol and python."""
-    fake = tmp_path / "fake"
-    for name, body in SLURM_FAKES.items():
-        write_exe(fake / "bin" / name, "#!/usr/bin/env bash\n" + body)
-    job = write_exe(tmp_path / "job.sbatch", script)
-    proc = subprocess.Popen(
-        ["bash", str(job)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={
-            **os.environ,
-            "PATH": f"{fake / 'bin'}:{os.environ['PATH']}",
-            "FAKE": str(fake),
-            "SLURM_JOB_ID": "42",
-            "SLURM_CPUS_ON_NODE": "16",
-            "SLURM_JOB_NODELIST": "n[1-2]",
-            **env,
-        },
-    )
-    return proc, fake
-
-
-def python_argv(fake: Path) -> list[str]:
-    return [a.decode() for a in (fake / "argv").read_bytes().split(b"\0")[:-1]]
-
-
-TRAINER_ARGV = [
-    "-m",
-    "sdxl_jax.train",
-    "--config",
-    "experiments/base_256.py",
-    "--workdir",
-    "/shared/my runs",
-    *EXTRA,
-]
-
-
-def test_slurm_one_process_per_node(tmp_path):
-    script, submit, path = slurm_dry_run(
-        tmp_path, "--partition", "gpu", "--time", "24:00:00", "--account", "my-lab"
-    )
-    directives = [line for line in script.splitlines() if line.startswith("#SBATCH")]
-    for expected in [
-        "--nodes=2",
-        "--ntasks-per-node=1",
-        "--gpus-per-node=4",
-        "--requeue",
-        "--signal=B:USR1@300",
-        "--open-mode=append",
-        "--partition=gpu",
-        "--time=24:00:00",
-        "--account=my-lab",
-        "--job-name=sdxl_jax-base_256",
-        f"--output={tmp_path / 'logs'}/%x-%j.log",
-        f"--chdir={ROOT}",
-    ]:
-        assert f"#SBATCH {expected}" in directives, expected
-    assert shlex.split(submit) == ["sbatch", "--parsable", str(path)]
-    assert path == tmp_path / "logs" / "sdxl_jax-base_256.sbatch"
-    assert "SDXL_LOCAL_DEVICE_IDS" not in script
-
-    proc, fake = slurm_job(tmp_path, script)
-    assert proc.wait(timeout=20) == 0, proc.stdout.read()
-    assert python_argv(fake) == TRAINER_ARGV
-    assert (fake / "ids").read_text() == "unset\n"
-    srun = (fake / "srun").read_text()
-    assert "--ntasks-per-node=1 --cpus-per-task=16" in srun and "--kill-on-bad-exit=1" in srun
-    assert not (fake / "scontrol").exists()  # finished: no requeue
-
-
-def test_slurm_one_process_per_gpu_and_exit_codes(tmp_path):
-    script, _, _ = slurm_dry_run(tmp_path, "--process-per", "gpu")
-    assert "#SBATCH --ntasks-per-node=4" in script
-    assert "#SBATCH --partition" not in script and "#SBATCH --time" not in script
-    proc, fake = slurm_job(tmp_path, script, FAKE_RC="3")
-    assert proc.wait(timeout=20) == 3  # diverged: the job fails, no requeue
-    assert python_argv(fake) == TRAINER_ARGV
-    assert (fake / "ids").read_text() == "3\n"  # this task's $SLURM_LOCALID
-    assert "--ntasks-per-node=4 --cpus-per-task=4" in (fake / "srun").read_text()
-    assert not (fake / "scontrol").exists()
-
-
-def test_slurm_time_limit_saves_then_requeues(tmp_path):
-    script, _, _ = slurm_dry_run(tmp_path)
-    proc, fake = slurm_job(tmp_path, script, FAKE_WAIT="1")
-    python = int(wait_for(fake / "python.pid"))
-    try:
-        proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends to the batch script
-        assert proc.wait(timeout=20) == 0, proc.stdout.read()
-    finally:  # a failed test leaves no job behind
-        if proc.poll() is None:
-            proc.kill()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(python, signal.SIGKILL)
-    assert (fake / "scancel").read_text() == "--signal=TERM 42\n"
-    assert (fake / "scontrol").read_text() == "requeue 42\n"
-
-
-def test_slurm_submits_and_says_how_to_follow(tmp_path):
-    script, _, path = slurm_dry_run(tmp_path, "--job-name", "mine")
-    answer = f'echo "$*" > {tmp_path}/sbatch_args\necho "1234;c1"'
-    fake = write_exe(tmp_path / "bin" / "sbatch", f"#!/usr/bin/env bash\n{answer}\n")
-    out = run(
-        [
-            str(SLURM),
-            *flags(SLURM_REQUIRED),
-            "--log-dir",
-            str(tmp_path / "logs"),
-            "--job-name",
-            "mine",
-            "--",
-            *EXTRA,
-        ],
-        env={"PATH": f"{fake.parent}:{os.environ['PATH']}"},
-    )
-    assert out.returncode == 0, out.stderr
-    written = tmp_path / "logs" / "mine.sbatch"
-    assert written.read_text() == script and written == path
-    assert (tmp_path / "sbatch_args").read_text() == f"--parsable {written}\n"
-    assert "submitted job 1234" in out.stdout
-    assert f"tail -F {tmp_path / 'logs' / 'mine-1234.log'}" in out.stdout
-    assert "scancel 1234" in out.stdout
