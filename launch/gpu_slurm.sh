@@ -13,7 +13,7 @@ Writes an sbatch script to LOG_DIR/NAME.sbatch and submits it: on N nodes, `srun
 `python -m sdxl_jax.train --config FILE --workdir DIR TRAINER_FLAGS` as one JAX program
 (jax.distributed reads the Slurm environment), then prints the job id and how to follow its log.
 The job runs in this repository with the `python` found on PATH now (sbatch passes the
-environment on): activate a venv with `pip install -r requirements.txt "jax[cuda12]" gcsfs` first.
+environment on): activate a venv with `pip install -r requirements.txt "jax[cuda12]" gcsfs==2026.10.1` first.
 
 Preemption and time limits: the job is --requeue'd. On preemption Slurm sends SIGTERM to the
 trainer, which saves a checkpoint and exits 0, and Slurm requeues the job. 300 s before the time

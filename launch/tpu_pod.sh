@@ -17,7 +17,7 @@ finishes:
   2. packs this repository's HEAD commit (git archive, without runs/; uncommitted changes are
      not shipped) and copies it to every worker (~/sdxl_jax);
   3. on every worker: a Python 3.12 venv ~/sdxl_venv (made with uv: the TPU images ship Python
-     3.10) and `pip install -r requirements.txt "jax[tpu]" gcsfs`;
+     3.10) and `pip install -r requirements.txt "jax[tpu]" gcsfs==2026.10.1`;
   4. starts the trainer on every worker, detached (setsid nohup): log ~/sdxl_jax.log, exit code
      ~/sdxl_jax.exit (followed by " sigterm" when it exited after a SIGTERM);
   5. streams worker 0's log here. Ctrl-C stops only the streaming: the trainer keeps running, and
@@ -187,7 +187,7 @@ remote() { # join shell commands with "; "
     'tar -xzf ~/sdxl_jax.tar.gz -C ~/sdxl_jax' 'cd ~/sdxl_jax' \
     "if [ ! -x ~/sdxl_venv/bin/python ]; then python3 -m pip install --user --quiet uv; \
 ~/.local/bin/uv venv --seed --python $PYTHON_VERSION ~/sdxl_venv; fi" \
-    '~/sdxl_venv/bin/python -m pip install --quiet -r requirements.txt "jax[tpu]" gcsfs')
+    '~/sdxl_venv/bin/python -m pip install --quiet -r requirements.txt "jax[tpu]" gcsfs==2026.10.1')
   # Stop what is left of an earlier trainer (its process group), then start one in a session of
   # its own, so that the ssh connection can close; the wrapper notes a SIGTERM after the exit code.
   wrapper='trap "t=1" TERM; "$@" >> ~/sdxl_jax.log 2>&1; echo "$?${t:+ sigterm}" > ~/sdxl_jax.exit'

@@ -17,7 +17,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
+
+from sdxl_jax.workdir import as_path
 
 FINAL_EMA = "final_ema"
 
@@ -27,9 +28,8 @@ class StageCheckpoints:
 
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True):
         # a local folder, or a bucket URL (gs://...: orbax writes there directly)
-        self.directory = (
-            epath.Path(directory) if "://" in str(directory) else Path(directory).absolute()
-        )
+        path = as_path(directory)
+        self.directory = path.absolute() if isinstance(path, Path) else path
         self.manager = ocp.CheckpointManager(
             self.directory / "checkpoints",
             options=ocp.CheckpointManagerOptions(

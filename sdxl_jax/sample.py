@@ -39,7 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("models")
-    g.add_argument("--checkpoint", required=True, help="base: diffusers folder or .safetensors")
+    g.add_argument("--checkpoint", required=True,
+                   help="base: diffusers folder or .safetensors (gs://... is fetched to "
+                   "$SDXL_LOCAL_DIR first, like --refiner and --vae)")  # fmt: skip
     g.add_argument("--refiner", help="refiner checkpoint; continues the base after --handoff")
     g.add_argument("--vae", help="a different VAE (diffusers folder or single file)")
     g.add_argument("--tokenizers", help="folder with tokenizer/ and tokenizer_2/ (single files)")
@@ -279,6 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Validate, load, generate, write; returns the manifest."""
     t_start = time.perf_counter()
     v = validate(args)
+    origin = getattr(args, "origin", {})  # set by main for gs:// checkpoints
 
     import jax
     import jax.numpy as jnp
@@ -356,7 +359,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 index=i, prompt=prompt, negative_prompt=negative, image_of_prompt=k,
                 seed=args.seed, noise=args.noise, height=h, width=w, steps=args.steps,
                 sampler=v["sampler"], karras=v["karras"], guidance=args.guidance,
-                checkpoint=str(args.checkpoint), refiner=args.refiner,
+                checkpoint=origin.get("checkpoint", str(args.checkpoint)),
+                refiner=origin.get("refiner", args.refiner),
                 handoff=args.handoff if args.refiner else None,
                 init_image=args.init_image, strength=args.strength if args.init_image else None,
             )  # fmt: skip
@@ -389,6 +393,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from sdxl_jax import workdir
+
+    args.origin = {}  # gs://... -> a copy on this machine's disk; images record the URL
+    for name in ("checkpoint", "refiner", "vae"):
+        value = getattr(args, name)
+        if value and workdir.is_remote(value):
+            args.origin[name] = value
+            setattr(args, name, str(workdir.fetch(value)))
     try:
         manifest = run(args)
     except UsageError as e:

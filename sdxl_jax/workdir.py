@@ -27,6 +27,15 @@ def is_remote(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+def as_path(path: str | os.PathLike) -> Any:
+    """A local ``Path``, or an ``etils.epath.Path`` for a URL (``gs://...``)."""
+    if is_remote(path):
+        from etils import epath
+
+        return epath.Path(path)
+    return Path(path)
+
+
 def local_mirror(remote: str) -> Path:
     base = Path(os.environ.get("SDXL_LOCAL_DIR") or Path.home() / ".cache/sdxl_jax/workdirs")
     scheme, rest = str(remote).split("://", 1)
@@ -99,7 +108,7 @@ class Workdir:
             if d.exists():
                 continue
             d.parent.mkdir(parents=True, exist_ok=True)
-            tmp = d.with_name(d.name + ".part")
+            tmp = d.with_name(f"{d.name}.part{os.getpid()}")  # processes may share the disk
             tmp.write_bytes(s.read_bytes())
             tmp.rename(d)
             st = d.stat()
@@ -114,6 +123,35 @@ class Workdir:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def fetch(url: str) -> Path:
+    """A local copy of a file or folder in a bucket (pretrained weights given as ``gs://...``):
+    ``local_mirror(url)``, downloaded once per host (process 0 first; other hosts when they do
+    not share its disk), file by file, so an interrupted fetch resumes. A local path is returned
+    as it is."""
+    if not is_remote(url):
+        return Path(url)
+    from sdxl_jax import distributed
+
+    local = local_mirror(url)
+    done = local.parent / f".{local.name}.fetched"
+
+    def build() -> None:
+        import time
+
+        print(f"fetching {url} -> {local}", flush=True)
+        t = time.perf_counter()
+        n = Workdir(url, local=local).download("")
+        if n == 0 and not local.exists():
+            raise FileNotFoundError(f"{url} does not exist (nothing to fetch)")
+        size = sum(f.stat().st_size for f in ([local] if local.is_file() else local.rglob("*")))
+        print(f"fetched {n} files, {size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s",
+              flush=True)  # fmt: skip
+        done.write_text(url + "\n")
+
+    distributed.lead_first(f"fetch {url}", done.exists, build)
+    return local
 
 
 def _files(folder: Any, parts: tuple[str, ...] = ()) -> list[tuple[Any, tuple[str, ...]]]:

@@ -23,3 +23,18 @@ def tiny_sdxl(tmp_path_factory):
     from tests.diffusion.tiny_pipelines import build_both
 
     return build_both(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(tmp_path_factory):
+    """``gs://BUCKET`` on a local GCS server (tests/gcs.py); this process and the processes it
+    starts reach it through the real gs:// clients."""
+    from tests import gcs
+
+    proc, env = gcs.start(tmp_path_factory.mktemp("gcs") / "data")
+    old = gcs.set_environ(env)
+    try:
+        yield f"gs://{gcs.BUCKET}"
+    finally:
+        gcs.restore_environ(old)
+        gcs.stop(proc)

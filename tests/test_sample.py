@@ -143,6 +143,22 @@ def test_outputs_manifest_png_text_and_grid(tiny_sdxl, tmp_path):
     assert len(manifest["devices"]) == 8  # sharded over every (simulated) device
 
 
+def test_a_checkpoint_in_a_bucket_is_fetched_and_samples_the_same(
+    tiny_sdxl, gcs_bucket, monkeypatch, tmp_path
+):
+    from tests import gcs
+
+    base, _ = tiny_sdxl
+    monkeypatch.setenv("SDXL_LOCAL_DIR", str(tmp_path / "mirror"))
+    url = str(gcs.upload(base, f"{gcs_bucket}/{tmp_path.name}/base"))
+    args = ["--prompt", PROMPTS[0], "--steps", 2, "--height", H, "--width", W, "--seed", 3]
+    want, _, _ = ours(tmp_path, "--checkpoint", base, *args, name="local")
+    got, manifest, _ = ours(tmp_path, "--checkpoint", url, *args, name="bucket")
+    np.testing.assert_array_equal(got, want)
+    assert manifest["images"][0]["checkpoint"] == url  # the source, not the local copy
+    assert (tmp_path / "mirror" / "gs" / url.removeprefix("gs://") / "unet").is_dir()
+
+
 def test_seeded_noise_does_not_depend_on_batching(tiny_sdxl, tmp_path):
     base, _ = tiny_sdxl
     # euler_a: the initial noise and every step's fresh noise are drawn per image.

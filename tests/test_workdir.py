@@ -1,10 +1,21 @@
 """Bucket workdirs: the local mirror, uploads of what changed, downloads to a fresh host. The
-"bucket" here is a second local folder reached through etils.epath, as gs:// would be."""
+bucket is a gs:// bucket on a local GCS server (tests/gcs.py: the real gcsfs client under
+etils.epath), and a second local folder reached through etils.epath."""
 
 import os
 import time
 
+import pytest
+from etils import epath
+
 from sdxl_jax import workdir as wl
+
+
+@pytest.fixture(params=["gs", "folder"])
+def bucket(request, tmp_path):
+    if request.param == "gs":
+        return epath.Path(f"{request.getfixturevalue('gcs_bucket')}/{tmp_path.name}")
+    return epath.Path(tmp_path / "bucket")
 
 
 def test_remote_detection_and_mirror_location(monkeypatch, tmp_path):
@@ -16,24 +27,23 @@ def test_remote_detection_and_mirror_location(monkeypatch, tmp_path):
     assert local.upload("x") == 0 and local.download("x") == 0
 
 
-def test_upload_copies_new_and_changed_files_only(tmp_path):
-    wd = wl.Workdir(tmp_path / "bucket", local=tmp_path / "host")
+def test_upload_copies_new_and_changed_files_only(bucket, tmp_path):
+    wd = wl.Workdir(bucket, local=tmp_path / "host")
     stage = tmp_path / "host" / "base"
     (stage / "tb").mkdir(parents=True)
     (stage / "metrics.jsonl").write_text("a\n")
     (stage / "tb" / "events").write_bytes(b"\x00\x01")
     assert wd.upload("base") == 2
-    assert (tmp_path / "bucket" / "base" / "tb" / "events").read_bytes() == b"\x00\x01"
+    assert (bucket / "base" / "tb" / "events").read_bytes() == b"\x00\x01"
     assert wd.upload("base") == 0  # nothing changed
     time.sleep(0.01)
     with open(stage / "metrics.jsonl", "a") as f:
         f.write("b\n")
     assert wd.upload("base") == 1
-    assert (tmp_path / "bucket" / "base" / "metrics.jsonl").read_text() == "a\nb\n"
+    assert (bucket / "base" / "metrics.jsonl").read_text() == "a\nb\n"
 
 
-def test_a_fresh_host_downloads_all_but_what_is_skipped(tmp_path):
-    bucket = tmp_path / "bucket"
+def test_a_fresh_host_downloads_all_but_what_is_skipped(bucket, tmp_path):
     for rel, text in {
         "base/metrics.jsonl": "1\n",
         "base/checkpoints/5/x": "big",
@@ -54,3 +64,37 @@ def test_a_fresh_host_downloads_all_but_what_is_skipped(tmp_path):
     assert fresh.upload("base") == 0
     os.utime(host / "metrics.jsonl", ns=(1, 1))
     assert fresh.upload("base") == 1
+
+
+def test_fetch_copies_a_bucket_folder_once_and_resumes(gcs_bucket, monkeypatch, tmp_path):
+    monkeypatch.setenv("SDXL_LOCAL_DIR", str(tmp_path / "mirror"))
+    url = f"{gcs_bucket}/{tmp_path.name}/sdxl-base"
+    files = {"model_index.json": "{}", "unet/config.json": "u", "vae/w.safetensors": "v" * 3000}
+    for rel, text in files.items():
+        (epath.Path(url) / rel).write_text(text)
+
+    local = wl.fetch(url)
+    assert local == tmp_path / "mirror" / "gs" / url.removeprefix("gs://")
+    got = {p.relative_to(local).as_posix(): p.read_text() for p in local.rglob("*") if p.is_file()}
+    assert got == files
+    # fetched: not again, even when the bucket changes
+    (epath.Path(url) / "unet/config.json").write_text("changed")
+    assert wl.fetch(url) == local and (local / "unet/config.json").read_text() == "u"
+
+    # interrupted before it finished (no marker, one file missing): only what is missing comes
+    (local.parent / f".{local.name}.fetched").unlink()
+    (local / "vae/w.safetensors").unlink()
+    wl.fetch(url)
+    assert (local / "vae/w.safetensors").read_text() == "v" * 3000
+    assert (local / "unet/config.json").read_text() == "u"  # present: kept
+    assert not list(local.rglob("*.part*"))
+
+
+def test_fetch_a_single_file_and_a_missing_url(gcs_bucket, monkeypatch, tmp_path):
+    monkeypatch.setenv("SDXL_LOCAL_DIR", str(tmp_path / "mirror"))
+    url = f"{gcs_bucket}/{tmp_path.name}/sd_xl_base_1.0.safetensors"
+    epath.Path(url).write_bytes(b"\x00weights")
+    assert wl.fetch(url).read_bytes() == b"\x00weights"
+    assert wl.fetch(str(tmp_path / "x")) == tmp_path / "x"  # local: as it is
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        wl.fetch(f"{gcs_bucket}/{tmp_path.name}/nothing_here")

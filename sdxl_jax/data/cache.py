@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from sdxl_jax.workdir import is_remote
+
 INDEX = "cache_index.npz"
 META = "cache_meta.json"
 ARRAYS = ("latent_mean", "latent_logvar", "context", "pooled")
@@ -58,7 +60,7 @@ def build_cache(
     from sdxl_jax.diffusion import pipeline as pl
     from sdxl_jax.models import vae as vae_lib
 
-    data, out = Path(data), Path(out)
+    data, out = (data if is_remote(data) else Path(data)), Path(out)  # data may be gs://
     index = data_pipeline.load_index(data)
     key = f"bucket_{bucket_set}"
     if key not in index:

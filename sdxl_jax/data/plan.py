@@ -8,6 +8,7 @@ reports steps per epoch and the bucket histogram without decoding a single image
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from sdxl_jax.data import buckets as buckets_lib
+from sdxl_jax.workdir import as_path
 
 INDEX_FILE = "sdxl_index.npz"
 REMAINDERS = ("drop", "repeat")
@@ -140,14 +142,15 @@ class BatchSchedule:
 
 
 def load_index(path: str | Path) -> dict[str, np.ndarray]:
-    """``DIR/sdxl_index.npz`` as a dict of arrays (written by ``sdxl_jax.data.prepare``)."""
-    file = Path(path) / INDEX_FILE
+    """``DIR/sdxl_index.npz`` as a dict of arrays (written by ``sdxl_jax.data.prepare``); ``DIR``
+    may be a bucket (``gs://...``), like the TFDS dataset beside it."""
+    file = as_path(path) / INDEX_FILE
     if not file.exists():
         raise FileNotFoundError(
             f"{file} not found: {path} is not a prepared dataset; run "
             "`python -m sdxl_jax.data.prepare --source KIND:LOCATION --out DIR` first"
         )
-    with np.load(file) as z:
+    with np.load(io.BytesIO(file.read_bytes())) as z:
         return {k: z[k] for k in z.files}
 
 

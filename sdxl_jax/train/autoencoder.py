@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sdxl_jax import checkpoint, sharding
+from sdxl_jax import workdir as workdir_lib
 from sdxl_jax.data import buckets, images
 from sdxl_jax.models.discriminator import GAN_LOSSES, DiscriminatorConfig, NLayerDiscriminator
 from sdxl_jax.models.perceptual import load_perceptual
@@ -348,7 +349,7 @@ def _init_source(init_from: str) -> tuple[str, Path | None]:
     """("random" | "stage" | "diffusers" | "file", path) for ``config.init_from``."""
     if not init_from:
         return "random", None
-    path = Path(init_from)
+    path = workdir_lib.fetch(init_from)  # a local path, or a bucket URL fetched to this host
     if (path / checkpoint.FINAL_EMA).exists():
         return "stage", path
     if path.name == "vae" and (path / "config.json").exists():

@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import conditioning, distributed, sharding
+from sdxl_jax import workdir as workdir_lib
 from sdxl_jax.diffusion import denoiser as denoiser_lib
 from sdxl_jax.diffusion import pipeline as sample_pipeline
 from sdxl_jax.diffusion import samplers
@@ -53,7 +54,10 @@ CACHE_KEYS = ("latent_mean", "latent_logvar", "context", "pooled")
 
 
 def resolve(path: str, workdir: Path) -> Path:
-    """A config path: absolute, relative to the current directory, or a name in the workdir."""
+    """A config path: absolute, relative to the current directory, a name in the workdir, or a
+    bucket URL (``gs://...``: fetched to this host's disk first, see ``workdir.fetch``)."""
+    if workdir_lib.is_remote(path):
+        return workdir_lib.fetch(path)
     p = Path(path)
     if p.is_absolute() or p.exists():
         return p

@@ -97,9 +97,12 @@ def resolve_data(config: Any, workdir: Path) -> str:
 
 
 def resolve_cache(config: Any, workdir: Path, data: str) -> str:
-    """``data.cache``: a cache folder, empty (online encoding), or ``auto``: built once into
-    ``<workdir>/cache/<bucket set>`` with the stage's frozen encoders (rebuilt if they change)."""
+    """``data.cache``: a cache folder (``gs://...``: fetched to each host's disk first), empty
+    (online encoding), or ``auto``: built once into ``<workdir>/cache/<bucket set>`` with the
+    stage's frozen encoders (rebuilt if they change)."""
     cache_dir = config.data.get("cache", "")
+    if workdir_lib.is_remote(cache_dir):  # memory-mapped: each host reads its own copy
+        return str(workdir_lib.fetch(cache_dir))
     if cache_dir != "auto" or config.kind != "diffusion":
         return "" if cache_dir == "auto" else cache_dir
     from sdxl_jax.data import cache

@@ -1,0 +1,60 @@
+"""A prepared dataset read from a bucket (``gs://``, on the local GCS server of tests/gcs.py):
+TFDS opens it and ArrayRecord reads its records over the GCS API, in this process and in Grain's
+worker processes. The batches, and a latent cache built from it, equal those from the same
+dataset on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdxl_jax.data import cache
+from sdxl_jax.data import pipeline as pl
+from tests import gcs
+from tests.data import fixtures as fx
+
+
+@pytest.fixture(scope="module")
+def on_disk_and_in_bucket(tmp_path_factory, gcs_bucket):
+    local, _ = fx.prepared_dataset(tmp_path_factory.mktemp("bucket_data") / "data", n=24)
+    remote = gcs.upload(local, f"{gcs_bucket}/datasets/shapes")
+    return str(local), str(remote)
+
+
+def batches(path: str, n: int, **kw) -> list[dict]:
+    cfg = pl.DataConfig(path=path, bucket_set="tiny_32", global_batch_size=4, flip=True, **kw)
+    with pl.make_iterator(cfg, process_index=0, process_count=1, verbose=False) as it:
+        return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_from_the_bucket_equal_those_from_disk(on_disk_and_in_bucket, workers):
+    local, remote = on_disk_and_in_bucket
+    assert remote.startswith("gs://")
+    want, got = batches(local, 5), batches(remote, 5, num_workers=workers)
+    for a, b in zip(want, got, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_a_cache_built_from_the_bucket_equals_one_from_disk(on_disk_and_in_bucket, tiny_sdxl,
+                                                            tmp_path):  # fmt: skip
+    local, remote = on_disk_and_in_bucket
+    base, _ = tiny_sdxl
+    out = {}
+    for name, data in (("disk", local), ("bucket", remote)):
+        meta = cache.build_cache(data, base, tmp_path / name, bucket_set="tiny_32", batch_size=8,
+                                 dtype="float32", progress=False)  # fmt: skip
+        assert meta["data"] == data
+        out[name] = cache.CachedSource(tmp_path / name)
+    assert len(out["disk"]) == len(out["bucket"]) > 0
+    for i in range(len(out["disk"])):
+        a, b = out["disk"][i], out["bucket"][i]
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{k} of record {i}")
+
+
+def test_a_missing_bucket_dataset_names_the_fix(gcs_bucket):
+    with pytest.raises(FileNotFoundError, match="is not a prepared dataset.*sdxl_jax.data.prepare"):
+        pl.load_index(f"{gcs_bucket}/no/such/dataset")
