@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 CHECKPOINTS = "checkpoints"
+PROGRESS_EVERY_S = 10.0  # long copies print a progress line this often
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -82,14 +84,15 @@ class Workdir:
                 continue
             dst = self.root / key
             dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(f.read_bytes())
+            _copy(f, dst)
             self._uploaded[key] = (st.st_size, st.st_mtime_ns)
             copied += 1
         return copied
 
-    def download(self, rel: str, *, skip: tuple[str, ...] = ()) -> int:
+    def download(self, rel: str, *, skip: tuple[str, ...] = (), progress: bool = False) -> int:
         """Copy ``rel`` (file or folder) from the root to the local mirror unless already
-        there; top-level entries named in ``skip`` are left out. The number of files copied."""
+        there; top-level entries named in ``skip`` are left out. The number of files copied.
+        ``progress``: a line every ``PROGRESS_EVERY_S`` (files, GB, rate, ETA)."""
         if not self.remote:
             return 0
         src = self.root / rel
@@ -103,13 +106,13 @@ class Workdir:
                 for p, parts in _files(src)
                 if parts[0] not in skip
             ]
+        pairs = [(s, d) for s, d in pairs if not d.exists()]
+        meter = _Meter([s for s, _ in pairs]) if progress else None
         copied = 0
         for s, d in pairs:
-            if d.exists():
-                continue
             d.parent.mkdir(parents=True, exist_ok=True)
             tmp = d.with_name(f"{d.name}.part{os.getpid()}")  # processes may share the disk
-            tmp.write_bytes(s.read_bytes())
+            _copy(s, tmp, meter)
             tmp.rename(d)
             st = d.stat()
             self._uploaded[str(d.relative_to(self.local))] = (st.st_size, st.st_mtime_ns)
@@ -125,6 +128,47 @@ class Workdir:
             path.unlink()
 
 
+def _copy(src: Any, dst: Any, meter: _Meter | None = None, chunk: int = 64 << 20) -> None:
+    """Stream one file (local or bucket) to another, ``chunk`` bytes at a time."""
+    with src.open("rb") as fi, dst.open("wb") as fo:
+        while block := fi.read(chunk):
+            fo.write(block)
+            if meter is not None:
+                meter.add(len(block))
+    if meter is not None:
+        meter.file_done()
+
+
+def _size(path: Any) -> int:
+    """Bytes of a local file (``os.stat_result``) or a bucket object (``epath``'s StatResult)."""
+    st = path.stat()
+    return int(st.st_size if hasattr(st, "st_size") else st.length)
+
+
+class _Meter:
+    """Progress of a long copy: a line at most every ``PROGRESS_EVERY_S`` seconds."""
+
+    def __init__(self, files: list[Any]):
+        self.files, self.done_files = len(files), 0
+        self.total = sum(_size(f) for f in files)
+        self.done, self.every = 0, PROGRESS_EVERY_S
+        self.t0 = self.last = time.perf_counter()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            print(f"  {self.done_files}/{self.files} files, {self.done / 1e9:.2f}/"
+                  f"{self.total / 1e9:.2f} GB, {rate / 1e6:.0f} MB/s, ETA {eta:.0f} s",
+                  flush=True)  # fmt: skip
+
+    def file_done(self) -> None:
+        self.done_files += 1
+
+
 def fetch(url: str) -> Path:
     """A local copy of a file or folder in a bucket (pretrained weights given as ``gs://...``):
     ``local_mirror(url)``, downloaded once per host (process 0 first; other hosts when they do
@@ -134,17 +178,15 @@ def fetch(url: str) -> Path:
         return Path(url)
     from sdxl_jax import distributed
 
+    if not as_path(url).exists():  # every process checks: all fail alike, none waits
+        raise FileNotFoundError(f"{url} does not exist (nothing to fetch)")
     local = local_mirror(url)
     done = local.parent / f".{local.name}.fetched"
 
     def build() -> None:
-        import time
-
         print(f"fetching {url} -> {local}", flush=True)
         t = time.perf_counter()
-        n = Workdir(url, local=local).download("")
-        if n == 0 and not local.exists():
-            raise FileNotFoundError(f"{url} does not exist (nothing to fetch)")
+        n = Workdir(url, local=local).download("", progress=True)
         size = sum(f.stat().st_size for f in ([local] if local.is_file() else local.rglob("*")))
         print(f"fetched {n} files, {size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s",
               flush=True)  # fmt: skip

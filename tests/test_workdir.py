@@ -66,15 +66,20 @@ def test_a_fresh_host_downloads_all_but_what_is_skipped(bucket, tmp_path):
     assert fresh.upload("base") == 1
 
 
-def test_fetch_copies_a_bucket_folder_once_and_resumes(gcs_bucket, monkeypatch, tmp_path):
+def test_fetch_copies_a_bucket_folder_once_and_resumes(gcs_bucket, monkeypatch, tmp_path,
+                                                       capsys):  # fmt: skip
     monkeypatch.setenv("SDXL_LOCAL_DIR", str(tmp_path / "mirror"))
     url = f"{gcs_bucket}/{tmp_path.name}/sdxl-base"
     files = {"model_index.json": "{}", "unet/config.json": "u", "vae/w.safetensors": "v" * 3000}
     for rel, text in files.items():
         (epath.Path(url) / rel).write_text(text)
 
+    monkeypatch.setattr(wl, "PROGRESS_EVERY_S", 0.0)  # a progress line per block
     local = wl.fetch(url)
     assert local == tmp_path / "mirror" / "gs" / url.removeprefix("gs://")
+    out = capsys.readouterr().out
+    assert f"fetching {url}" in out and "fetched 3 files" in out
+    assert "/3 files, " in out and "0.00/0.00 GB" in out and "ETA" in out
     got = {p.relative_to(local).as_posix(): p.read_text() for p in local.rglob("*") if p.is_file()}
     assert got == files
     # fetched: not again, even when the bucket changes
@@ -98,3 +103,6 @@ def test_fetch_a_single_file_and_a_missing_url(gcs_bucket, monkeypatch, tmp_path
     assert wl.fetch(str(tmp_path / "x")) == tmp_path / "x"  # local: as it is
     with pytest.raises(FileNotFoundError, match="does not exist"):
         wl.fetch(f"{gcs_bucket}/{tmp_path.name}/nothing_here")
+    assert not (
+        tmp_path / "mirror" / "gs" / gcs_bucket[5:] / tmp_path.name / "nothing_here"
+    ).exists()
