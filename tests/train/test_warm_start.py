@@ -24,6 +24,11 @@ def _random_params(model: nnx.Module, seed: int) -> None:
     nnx.update(model, jax.tree.unflatten(tree, new))
 
 
+@nnx.jit
+def _forward(model, *args):
+    return model(*args)
+
+
 def test_refiner_from_base_equals_the_base_without_clip_l_and_target_size():
     base_cfg = config_lib.unet_config("micro")
     ref_cfg = config_lib.unet_config("micro_refiner")
@@ -45,19 +50,20 @@ def test_refiner_from_base_equals_the_base_without_clip_l_and_target_size():
     size_crop = jnp.asarray([[64, 48, 0, 8], [32, 64, 16, 0]], jnp.float32)
     aesthetic = jnp.asarray([[6.0], [2.5]])
 
-    got = refiner(x, t, ctx_g, text, jnp.concatenate([size_crop, aesthetic], 1))
+    got = _forward(refiner, x, t, ctx_g, text, jnp.concatenate([size_crop, aesthetic], 1))
 
     # the base: CLIP-L context zero, and its target-size rows of the added embedding zero
     a = base_cfg.addition_time_embed_dim
     k = base.add_embedding.linear_1.kernel
     k.value = k.value.at[pooled + 4 * a :].set(0.0)
     ctx = jnp.concatenate([jnp.zeros((b, 7, l_width)), ctx_g], -1)
-    want = base(x, t, ctx, text, jnp.concatenate([size_crop, 99.0 + 0 * size_crop[:, :2]], 1))
+    sizes = jnp.concatenate([size_crop, 99.0 + 0 * size_crop[:, :2]], 1)
+    want = _forward(base, x, t, ctx, text, sizes)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(want).mean()) > 1e-2  # not trivially zero
 
     # the aesthetic score is ignored at first: its rows start at zero
-    again = refiner(x, t, ctx_g, text, jnp.concatenate([size_crop, aesthetic + 3.0], 1))
+    again = _forward(refiner, x, t, ctx_g, text, jnp.concatenate([size_crop, aesthetic + 3.0], 1))
     np.testing.assert_allclose(np.asarray(again), np.asarray(got), rtol=1e-6, atol=1e-6)
 
 
