@@ -31,7 +31,7 @@ def gcs_bucket(tmp_path_factory):
     starts reach it through the real gs:// clients."""
     from tests import gcs
 
-    proc, env = gcs.start(tmp_path_factory.mktemp("gcs") / "data")
+    proc, env = gcs.start(tmp_path_factory.mktemp("gcs") / "server.log")
     old = gcs.set_environ(env)
     try:
         yield f"gs://{gcs.BUCKET}"

@@ -1,10 +1,13 @@
 """A local Google Cloud Storage server for the tests (``gcp-storage-emulator``, the GCS JSON API
 over HTTP): ``gs://`` paths then go through the same clients a real bucket does (gcsfs under
-etils.epath for files, google-cloud-cpp inside ArrayRecord's reader for TFDS records), pointed
-at it by environment variables that child processes inherit.
+etils.epath for files, tensorstore's GCS driver for orbax's arrays, google-cloud-cpp inside
+ArrayRecord's reader for TFDS records), pointed at it by environment variables that child
+processes inherit.
 
-Not covered: orbax's array writes (tensorstore's GCS driver) need object generations in the
-responses and conditional writes, which this server lacks."""
+One gap of the emulator is filled here, as GCS behaves: media downloads carry the object's
+``x-goog-generation`` (tensorstore reads it to version OCDBT manifests; without it an orbax save
+over an earlier one fails with "Malformed StorageGeneration"). Still unlike GCS: preconditions
+(``ifGenerationMatch``) are not enforced, so concurrent writers are not tested against it."""
 
 from __future__ import annotations
 
@@ -25,15 +28,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(data_dir: Path, timeout: float = 30.0) -> tuple[subprocess.Popen, dict[str, str]]:
-    """Start the server with bucket ``BUCKET``: (process, the environment that points clients at
-    it). The caller stops it (``stop``)."""
+def start(log: Path, timeout: float = 30.0) -> tuple[subprocess.Popen, dict[str, str]]:
+    """Start the server with bucket ``BUCKET``, objects in its memory, its output in ``log``:
+    (process, the environment that points clients at it). The caller stops it (``stop``)."""
     port = _free_port()
-    log = open(data_dir.parent / f"{data_dir.name}.log", "w")  # noqa: SIM115 (lives with proc)
+    out = open(log, "w")  # noqa: SIM115 (lives as long as the server)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "-d", str(data_dir), "start",
-         "--host", "127.0.0.1", "--port", str(port), "--default-bucket", BUCKET, "-q"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, __file__, "start", "--host", "127.0.0.1", "--port", str(port),
+         "--default-bucket", BUCKET, "--in-memory", "--quiet"],
+        stdout=out, stderr=subprocess.STDOUT,
     )  # fmt: skip
     deadline = time.monotonic() + timeout
     while True:
@@ -43,12 +46,12 @@ def start(data_dir: Path, timeout: float = 30.0) -> tuple[subprocess.Popen, dict
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"GCS emulator did not start: {log.name}") from None
+                raise RuntimeError(f"GCS emulator did not start: see {log}") from None
             time.sleep(0.1)
     url = f"http://127.0.0.1:{port}"
     env = {
         "STORAGE_EMULATOR_HOST": url,  # gcsfs (etils.epath's gs:// backend without TensorFlow)
-        "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore (too little for orbax's writes: above)
+        "TENSORSTORE_GCS_HTTP_URL": url,  # orbax's arrays (tensorstore)
         "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # google-cloud-cpp in ArrayRecord's reader
         # gcsfs's hierarchical-namespace probe uses an API the emulator lacks (and credentials)
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
@@ -88,3 +91,31 @@ def upload(folder: Path, url: str) -> Any:
         if f.is_file():
             (dst / f.relative_to(folder).as_posix()).write_bytes(f.read_bytes())
     return dst
+
+
+def _serve(argv: list[str]) -> int:
+    """The emulator's command line, with generation headers on media downloads."""
+    from gcp_storage_emulator import __main__ as emulator
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    plain = objects.download
+
+    def download(request, response, storage, *args, **kwargs):
+        plain(request, response, storage, *args, **kwargs)
+        if response.status.value < 300:
+            p = request.params
+            obj = storage.get_file_obj(p["bucket_name"], p["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+
+    objects.download = download  # objects.get(alt=media) calls it by name
+    server.HANDLERS = tuple(
+        (pattern, {m: download if f is plain else f for m, f in methods.items()})
+        for pattern, methods in server.HANDLERS
+    )
+    return emulator.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(_serve(sys.argv[1:]))
