@@ -119,3 +119,21 @@ def _serve(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_serve(sys.argv[1:]))
+
+
+def copy_tree(src: Any, dst: Any, skip: tuple[str, ...] = ()) -> int:
+    """Copy every file under ``src`` to ``dst`` (bucket or local epath), leaving out those whose
+    path relative to ``src`` starts with an entry of ``skip``; the number of files copied."""
+    n = 0
+    for p in sorted(src.iterdir(), key=lambda q: q.name):
+        rel_skip = tuple(
+            s.split("/", 1)[1] for s in skip if s.split("/", 1)[0] == p.name and "/" in s
+        )
+        if p.name in skip:
+            continue
+        if p.is_dir():
+            n += copy_tree(p, dst / p.name, rel_skip)
+        else:
+            (dst / p.name).write_bytes(p.read_bytes())
+            n += 1
+    return n

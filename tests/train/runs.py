@@ -108,12 +108,15 @@ def launch_local(
     config: str = "experiments/base_256.py:tiny",
     flags=(),
     module: str = "sdxl_jax.train",
+    log_dir: Path | None = None,
     **extra,
 ) -> subprocess.Popen:
-    """``processes`` trainer processes with ``devices`` CPU devices each, via launch/local.sh."""
+    """``processes`` trainer processes with ``devices`` CPU devices each, via launch/local.sh
+    (logs in ``log_dir``, default ``workdir/logs``)."""
     cmd = [
         "bash", str(ROOT / "launch" / "local.sh"), "-n", str(processes),
-        "--devices-per-process", str(devices), "--log-dir", str(workdir / "logs"),
+        "--devices-per-process", str(devices),
+        "--log-dir", str(log_dir or Path(workdir) / "logs"),
         "--module", module, "--",
         *trainer_args(parts, workdir, config, flags, **extra),
     ]  # fmt: skip
