@@ -69,25 +69,27 @@ class Workdir:
 
     # -- mirror ------------------------------------------------------------------------------
 
-    def upload(self, rel: str) -> int:
+    def upload(self, rel: str, *, progress: bool = False) -> int:
         """Copy local ``rel`` (file or folder) to the root where new or changed; the number of
-        files copied. No-op for a local workdir. Call it on process 0."""
+        files copied. No-op for a local workdir. Call it on process 0. ``progress``: as for
+        ``download``."""
         if not self.remote:
             return 0
         src = self.local / rel
         files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+        files = [f for f in files if self._uploaded.get(self._key(f)) != _version(f)]
+        meter = _Meter(files) if progress else None
         copied = 0
         for f in files:
-            key = str(f.relative_to(self.local))
-            st = f.stat()
-            if self._uploaded.get(key) == (st.st_size, st.st_mtime_ns):
-                continue
-            dst = self.root / key
+            dst = self.root / self._key(f)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            _copy(f, dst)
-            self._uploaded[key] = (st.st_size, st.st_mtime_ns)
+            _copy(f, dst, meter)
+            self._uploaded[self._key(f)] = _version(f)
             copied += 1
         return copied
+
+    def _key(self, local_file: Path) -> str:
+        return str(local_file.relative_to(self.local))
 
     def download(self, rel: str, *, skip: tuple[str, ...] = (), progress: bool = False) -> int:
         """Copy ``rel`` (file or folder) from the root to the local mirror unless already
@@ -114,8 +116,7 @@ class Workdir:
             tmp = d.with_name(f"{d.name}.part{os.getpid()}")  # processes may share the disk
             _copy(s, tmp, meter)
             tmp.rename(d)
-            st = d.stat()
-            self._uploaded[str(d.relative_to(self.local))] = (st.st_size, st.st_mtime_ns)
+            self._uploaded[self._key(d)] = _version(d)
             copied += 1
         return copied
 
@@ -137,6 +138,12 @@ def _copy(src: Any, dst: Any, meter: _Meter | None = None, chunk: int = 64 << 20
                 meter.add(len(block))
     if meter is not None:
         meter.file_done()
+
+
+def _version(local_file: Path) -> tuple[int, int]:
+    """What tells a changed local file: (size, mtime in ns)."""
+    st = local_file.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 def _size(path: Any) -> int:

@@ -68,6 +68,7 @@ from typing import Any
 
 import numpy as np
 
+from sdxl_jax import workdir as workdir_lib
 from sdxl_jax.data import buckets, sources
 from sdxl_jax.data.checks import (
     CLIP_MAX_TOKENS,
@@ -452,7 +453,18 @@ def prepare(
     if len(src) == 0:
         raise SourceError(f"{src.spec} lists no records (image extensions: {IMAGE_EXTENSIONS})")
     n = len(src) if max_examples is None else min(len(src), max_examples)
-    out = Path(out)
+    url = str(out) if workdir_lib.is_remote(out) else None
+    if url is not None:  # a bucket: built on this disk, uploaded when complete
+        if (workdir_lib.as_path(url) / REPORT_FILE).exists() and not overwrite:
+            raise FileExistsError(
+                f"{url} already holds a prepared dataset: --overwrite rebuilds it"
+            )
+    out = local_out(out)
+    if url is not None and not overwrite and (out / REPORT_FILE).exists():
+        if not (out / STAGING).exists():  # built here before; its upload did not finish
+            print(f"{out} is built: uploading what is missing", flush=True)
+            _upload(out, url, progress)
+            return json.loads((out / REPORT_FILE).read_text())
     method, count_tokens = token_counter(tokenizer)  # fails early on a bad --tokenizer
     staging = _prepare_out(out, _staging_plan(src, n, opts), overwrite)
     t_list = time.perf_counter()
@@ -481,7 +493,35 @@ def prepare(
     _write_json(out / REPORT_FILE, report)  # written last: it marks a finished dataset
     if not keep_staging:
         shutil.rmtree(staging)
+    if url is not None:
+        _upload(out, url, progress)
     return report
+
+
+def _same_size(local: Path, remote: Any) -> bool:
+    return remote.exists() and remote.stat().length == local.stat().st_size
+
+
+def local_out(out: str | Path) -> Path:
+    """Where the dataset is built: ``out``, or for a bucket URL its local mirror
+    (``$SDXL_LOCAL_DIR/gs/...``, which also keeps the staged chunks of an interrupted run)."""
+    return workdir_lib.local_mirror(str(out)) if workdir_lib.is_remote(out) else Path(out)
+
+
+def _upload(out: Path, url: str, progress: bool) -> None:
+    """Copy the finished dataset to the bucket, its report last (the report marks a finished
+    dataset there too)."""
+    wd, remote = workdir_lib.Workdir(url, local=out), workdir_lib.as_path(url)
+    t = time.perf_counter()
+    names = sorted(p.name for p in out.iterdir() if p.name not in (STAGING, REPORT_FILE))
+    if (remote / REPORT_FILE).exists():  # --overwrite: the finished dataset there goes first
+        old = [p for p in remote.iterdir() if _ours(p.name)]
+        for p in sorted(old, key=lambda p: p.name != REPORT_FILE):
+            p.rmtree() if p.is_dir() else p.unlink()
+    # a file already there at its size is from an interrupted upload of this build
+    names = [n for n in names if not _same_size(out / n, remote / n)]
+    n = sum(wd.upload(name, progress=progress) for name in names) + wd.upload(REPORT_FILE)
+    print(f"uploaded {n} files to {url} in {time.perf_counter() - t:.0f} s", flush=True)
 
 
 _TOKEN_NOTES = {
@@ -543,7 +583,8 @@ def format_summary(report: dict[str, Any], out: str | Path) -> str:
         lines.append(f"  {name:<26}{c:>9}{note if 'tokens' in name else ''}")
     primary = report["bucket_sets"][0]
     used = sum(1 for c in report["bucket_histograms"][primary]["counts"] if c)
-    lines.append(f"  {used} buckets of {primary} in use; details: {Path(out) / REPORT_FILE}")
+    report_path = f"{str(out).rstrip('/')}/{REPORT_FILE}"  # a folder or a gs:// URL
+    lines.append(f"  {used} buckets of {primary} in use; details: {report_path}")
     return "\n".join(lines)
 
 
@@ -569,7 +610,9 @@ def _parser() -> argparse.ArgumentParser:
     a = p.add_argument
     # fmt: off
     a("--source", required=True, metavar="KIND:LOCATION", help="what to read (see above)")
-    a("--out", required=True, metavar="DIR", help="the dataset folder to write (new or empty)")
+    a("--out", required=True, metavar="DIR",
+      help="the dataset folder to write (new or empty); gs://BUCKET/PATH builds in "
+      "$SDXL_LOCAL_DIR and uploads the finished dataset")
     a("--bucket-sets", default=",".join(DEFAULT_BUCKET_SETS), metavar="A,B,...",
       help="bucket sets to index, the primary first (default: all: %(default)s)")
     a("--workers", type=int, default=None, help="checking processes (default: cores, at most 8)")
@@ -606,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        staging = Path(args.out) / STAGING
+        staging = local_out(args.out) / STAGING
         resume = "rerun the same command to resume"
         print(f"\n{PROG}: interrupted; checked chunks stay in {staging}: {resume}", file=sys.stderr)
         return 130

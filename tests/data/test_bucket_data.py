@@ -58,3 +58,33 @@ def test_a_cache_built_from_the_bucket_equals_one_from_disk(on_disk_and_in_bucke
 def test_a_missing_bucket_dataset_names_the_fix(gcs_bucket):
     with pytest.raises(FileNotFoundError, match="is not a prepared dataset.*sdxl_jax.data.prepare"):
         pl.load_index(f"{gcs_bucket}/no/such/dataset")
+
+
+def test_prepare_into_a_bucket_builds_locally_then_uploads(gcs_bucket, monkeypatch, tmp_path,
+                                                          capsys):  # fmt: skip
+    from etils import epath
+
+    from sdxl_jax.data import prepare
+
+    monkeypatch.setenv("SDXL_LOCAL_DIR", str(tmp_path / "disk"))
+    url = f"{gcs_bucket}/{tmp_path.name}/shapes"
+    kw = dict(bucket_sets=("tiny_32",), workers=1, progress=False)
+    report = prepare.prepare("synthetic:12", url, **kw)
+    remote = epath.Path(url)
+    names = sorted(p.name for p in remote.iterdir())
+    assert prepare.REPORT_FILE in names and pl.INDEX_FILE in names and ".staging" not in names
+    assert len(pl.open_source(url)) == report["totals"]["written"] == 12
+    assert "uploaded" in capsys.readouterr().out
+
+    # the upload was cut short (its report goes last): a rerun uploads what is missing
+    (remote / prepare.REPORT_FILE).unlink()
+    (remote / pl.INDEX_FILE).unlink()
+    prepare.prepare("synthetic:12", url, **kw)
+    assert "uploading what is missing" in capsys.readouterr().out
+    assert (remote / pl.INDEX_FILE).exists() and (remote / prepare.REPORT_FILE).exists()
+    assert len(pl.load_index(url)["height"]) == 12
+
+    with pytest.raises(FileExistsError, match="already holds a prepared dataset.*--overwrite"):
+        prepare.prepare("synthetic:12", url, **kw)
+    prepare.prepare("synthetic:8", url, overwrite=True, **kw)  # replaces it
+    assert len(pl.open_source(url)) == 8 and len(pl.load_index(url)["height"]) == 8
