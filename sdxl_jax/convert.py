@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from sdxl_jax import workdir
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -169,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p.error("--to must end in .safetensors for --format single-file")
     try:
+        if args.command == "export":
+            workdir.local_only(args.to, "--to")
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -396,11 +396,16 @@ def main(argv: list[str] | None = None) -> int:
     from sdxl_jax import workdir
 
     args.origin = {}  # gs://... -> a copy on this machine's disk; images record the URL
-    for name in ("checkpoint", "refiner", "vae"):
-        value = getattr(args, name)
-        if value and workdir.is_remote(value):
-            args.origin[name] = value
-            setattr(args, name, str(workdir.fetch(value)))
+    try:
+        workdir.local_only(args.out, "--out")
+        for name in ("checkpoint", "refiner", "vae"):
+            value = getattr(args, name)
+            if value and workdir.is_remote(value):
+                args.origin[name] = value
+                setattr(args, name, str(workdir.fetch(value)))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         manifest = run(args)
     except UsageError as e:

@@ -38,6 +38,16 @@ def as_path(path: str | os.PathLike) -> Any:
     return Path(path)
 
 
+def local_only(path: str | os.PathLike, flag: str) -> None:
+    """Refuse a bucket URL where a command writes a local folder (rather than a folder named
+    "gs:" here)."""
+    if is_remote(path):
+        raise ValueError(
+            f"{flag} {path}: this writes a local folder; write it here, then copy it: "
+            f"gcloud storage cp -r LOCAL {path}"
+        )
+
+
 def local_mirror(remote: str) -> Path:
     base = Path(os.environ.get("SDXL_LOCAL_DIR") or Path.home() / ".cache/sdxl_jax/workdirs")
     scheme, rest = str(remote).split("://", 1)

@@ -128,3 +128,11 @@ def test_bad_paths_fail_clearly(tmp_path, capsys):
     assert "pickle" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path)]) == 2
     assert "not a diffusers checkpoint" in capsys.readouterr().err
+
+
+def test_export_to_a_bucket_is_refused(tiny_pipeline, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["export", str(tiny_pipeline), "--to", "gs://bucket/out", "--format", "diffusers"])
+    assert rc == 2
+    assert "writes a local folder" in capsys.readouterr().err
+    assert not (tmp_path / "gs:").exists()  # not a folder named after the URL

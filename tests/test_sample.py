@@ -179,6 +179,7 @@ def test_seeded_noise_does_not_depend_on_batching(tiny_sdxl, tmp_path):
         (["--steps", "0"], "--steps must be at least 1"),
         (["--sampler", "euler_a", "--karras"], "Karras sigmas are available for"),
         (["--init-image", "missing.png"], "does not exist"),
+        (["--out", "gs://bucket/samples"], "writes a local folder"),
     ],
 )
 def test_bad_arguments_fail_before_loading(args, message, tiny_sdxl, tmp_path, capsys):

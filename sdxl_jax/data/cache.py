@@ -257,16 +257,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--bucket-set", required=True, help="the bucket set training will use")
     p.add_argument("--vae", help="a different VAE: a folder with vae/ (default: the checkpoint's)")
-    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--out", required=True,
+                   help="cache folder; gs://BUCKET/PATH builds in $SDXL_LOCAL_DIR and uploads it "
+                   "(training hosts fetch it); --data may be gs://, --checkpoint/--vae are "
+                   "fetched")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8, help="images per encoder call (8)")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     args = p.parse_args(argv)
+    from sdxl_jax import workdir as wl
+
+    out = wl.local_mirror(args.out) if is_remote(args.out) else args.out  # built here first
     try:
-        meta = build_cache(args.data, args.checkpoint, args.out, bucket_set=args.bucket_set,
-                           vae=args.vae, batch_size=args.batch_size, dtype=args.dtype)  # fmt: skip
+        ckpt, vae = (wl.fetch(p) if p else p for p in (args.checkpoint, args.vae))
+        meta = build_cache(args.data, ckpt, out, bucket_set=args.bucket_set, vae=vae,
+                           batch_size=args.batch_size, dtype=args.dtype)  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if is_remote(args.out):  # the metadata last: a cache without it is unfinished
+        wd = wl.Workdir(args.out, local=out)
+        names = sorted(p.name for p in Path(out).iterdir() if p.name != META)
+        n = sum(wd.upload(name, progress=True) for name in names) + wd.upload(META)
+        print(f"uploaded {n} files to {args.out}", file=sys.stderr)
     print(f"cached {meta['records']} records in {meta['seconds']} s -> {args.out}", file=sys.stderr)
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sdxl_jax import workdir as wl
 from sdxl_jax.data import cache
 from sdxl_jax.data import pipeline as pl
 from tests import gcs
@@ -39,15 +40,22 @@ def test_batches_from_the_bucket_equal_those_from_disk(on_disk_and_in_bucket, wo
 
 
 def test_a_cache_built_from_the_bucket_equals_one_from_disk(on_disk_and_in_bucket, tiny_sdxl,
-                                                            tmp_path):  # fmt: skip
+                                                            monkeypatch, tmp_path):  # fmt: skip
     local, remote = on_disk_and_in_bucket
     base, _ = tiny_sdxl
-    out = {}
-    for name, data in (("disk", local), ("bucket", remote)):
-        meta = cache.build_cache(data, base, tmp_path / name, bucket_set="tiny_32", batch_size=8,
-                                 dtype="float32", progress=False)  # fmt: skip
-        assert meta["data"] == data
-        out[name] = cache.CachedSource(tmp_path / name)
+    meta = cache.build_cache(local, base, tmp_path / "disk", bucket_set="tiny_32", batch_size=8,
+                             dtype="float32", progress=False)  # fmt: skip
+    assert meta["data"] == local
+    # all in the bucket, through the command line: data read in place, the checkpoint fetched,
+    # the cache built on this disk and uploaded; a training host fetches it
+    monkeypatch.setenv("SDXL_LOCAL_DIR", str(tmp_path / "mirror"))
+    ckpt = str(gcs.upload(base, f"{remote}-checkpoint"))
+    rc = cache.main(["--data", remote, "--checkpoint", ckpt, "--bucket-set", "tiny_32", "--out",
+                     f"{remote}-cache", "--batch-size", "8", "--dtype", "float32"])  # fmt: skip
+    assert rc == 0
+    monkeypatch.setenv("SDXL_LOCAL_DIR", str(tmp_path / "training_host"))
+    out = {"disk": cache.CachedSource(tmp_path / "disk"),
+           "bucket": cache.CachedSource(wl.fetch(f"{remote}-cache"))}  # fmt: skip
     assert len(out["disk"]) == len(out["bucket"]) > 0
     for i in range(len(out["disk"])):
         a, b = out["disk"][i], out["bucket"][i]
