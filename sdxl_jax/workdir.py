@@ -91,10 +91,11 @@ class Workdir:
         meter = _Meter(files) if progress else None
         copied = 0
         for f in files:
-            dst = self.root / self._key(f)
+            key, version = self._key(f), _version(f)  # before: a file growing meanwhile goes again
+            dst = self.root / key
             dst.parent.mkdir(parents=True, exist_ok=True)
             _copy(f, dst, meter)
-            self._uploaded[self._key(f)] = _version(f)
+            self._uploaded[key] = version
             copied += 1
         return copied
 
