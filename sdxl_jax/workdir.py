@@ -79,22 +79,20 @@ class Workdir:
 
     # -- mirror ------------------------------------------------------------------------------
 
-    def upload(self, rel: str, *, progress: bool = False) -> int:
+    def upload(self, rel: str) -> int:
         """Copy local ``rel`` (file or folder) to the root where new or changed; the number of
-        files copied. No-op for a local workdir. Call it on process 0. ``progress``: as for
-        ``download``."""
+        files copied. No-op for a local workdir. Call it on process 0."""
         if not self.remote:
             return 0
         src = self.local / rel
         files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
         files = [f for f in files if self._uploaded.get(self._key(f)) != _version(f)]
-        meter = _Meter(files) if progress else None
         copied = 0
         for f in files:
             key, version = self._key(f), _version(f)  # before: a file growing meanwhile goes again
             dst = self.root / key
             dst.parent.mkdir(parents=True, exist_ok=True)
-            _copy(f, dst, meter)
+            _copy(f, dst)
             self._uploaded[key] = version
             copied += 1
         return copied
@@ -185,6 +183,30 @@ class _Meter:
 
     def file_done(self) -> None:
         self.done_files += 1
+
+
+def publish(
+    local: Path, url: str, *, last: str, skip: tuple[str, ...] = (), progress: bool = True
+) -> int:
+    """Upload a finished local folder to ``url``, file ``last`` (the file that marks it finished)
+    at the end, top-level entries named in ``skip`` left out; a file already there at its size
+    (an interrupted publish) is not sent again. The number of files sent."""
+    remote = as_path(url)
+    files = sorted(
+        p for p in local.rglob("*")
+        if p.is_file() and p.name != last and p.relative_to(local).parts[0] not in skip
+    )  # fmt: skip
+    todo = [f for f in files if not _same_size(f, remote / f.relative_to(local).as_posix())]
+    meter = _Meter(todo) if progress else None
+    for f in [*todo, local / last]:
+        dst = remote / f.relative_to(local).as_posix()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _copy(f, dst, meter)
+    return len(todo) + 1
+
+
+def _same_size(local_file: Path, remote: Any) -> bool:
+    return remote.exists() and _size(remote) == local_file.stat().st_size
 
 
 def fetch(url: str) -> Path:

@@ -275,9 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if is_remote(args.out):  # the metadata last: a cache without it is unfinished
-        wd = wl.Workdir(args.out, local=out)
-        names = sorted(p.name for p in Path(out).iterdir() if p.name != META)
-        n = sum(wd.upload(name, progress=True) for name in names) + wd.upload(META)
+        n = wl.publish(out, args.out, last=META)
         print(f"uploaded {n} files to {args.out}", file=sys.stderr)
     print(f"cached {meta['records']} records in {meta['seconds']} s -> {args.out}", file=sys.stderr)
     return 0

@@ -498,10 +498,6 @@ def prepare(
     return report
 
 
-def _same_size(local: Path, remote: Any) -> bool:
-    return remote.exists() and remote.stat().length == local.stat().st_size
-
-
 def local_out(out: str | Path) -> Path:
     """Where the dataset is built: ``out``, or for a bucket URL its local mirror
     (``$SDXL_LOCAL_DIR/gs/...``, which also keeps the staged chunks of an interrupted run)."""
@@ -511,16 +507,12 @@ def local_out(out: str | Path) -> Path:
 def _upload(out: Path, url: str, progress: bool) -> None:
     """Copy the finished dataset to the bucket, its report last (the report marks a finished
     dataset there too)."""
-    wd, remote = workdir_lib.Workdir(url, local=out), workdir_lib.as_path(url)
-    t = time.perf_counter()
-    names = sorted(p.name for p in out.iterdir() if p.name not in (STAGING, REPORT_FILE))
+    remote, t = workdir_lib.as_path(url), time.perf_counter()
     if (remote / REPORT_FILE).exists():  # --overwrite: the finished dataset there goes first
         old = [p for p in remote.iterdir() if _ours(p.name)]
         for p in sorted(old, key=lambda p: p.name != REPORT_FILE):
             p.rmtree() if p.is_dir() else p.unlink()
-    # a file already there at its size is from an interrupted upload of this build
-    names = [n for n in names if not _same_size(out / n, remote / n)]
-    n = sum(wd.upload(name, progress=progress) for name in names) + wd.upload(REPORT_FILE)
+    n = workdir_lib.publish(out, url, last=REPORT_FILE, skip=(STAGING,), progress=progress)
     print(f"uploaded {n} files to {url} in {time.perf_counter() - t:.0f} s", flush=True)
 
 
