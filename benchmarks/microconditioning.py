@@ -170,7 +170,7 @@ def sample(args, conds: list[dict]) -> tuple[dict, dict]:
 
     from sdxl_jax.conditioning import base_time_ids
     from sdxl_jax.diffusion import pipeline
-    from sdxl_jax.diffusion.schedule import plan
+    from sdxl_jax.diffusion.schedule import sampler_steps
 
     t0 = time.perf_counter()
     info = pipeline.check_stage(args.checkpoint)
@@ -193,7 +193,7 @@ def sample(args, conds: list[dict]) -> tuple[dict, dict]:
     else:
         neg_ctx, neg_pooled = runner.encode([""] * len(full))
     latent = (args.size // factor, args.size // factor, info.configs["unet"].in_channels)
-    p = plan(info.schedule, "ddim", args.steps)
+    p = sampler_steps(info.schedule, "ddim", args.steps)
     x = pipeline.initial_noise(args.seed, full, latent) * p.init_scale  # the same per condition
     keys = pipeline.image_keys(args.seed, 1, full)
     out, cond_s = {}, []

@@ -263,7 +263,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from jax.sharding import PartitionSpec as P
 
     from sdxl_jax.diffusion import pipeline
-    from sdxl_jax.diffusion.schedule import NoiseSchedule, plan
+    from sdxl_jax.diffusion.schedule import NoiseSchedule, sampler_steps
     from sdxl_jax.weights.components import COMPONENTS
 
     dev = jax.devices()[0]
@@ -324,7 +324,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     inp = make_inputs(args, cfg)
-    p = plan(info.schedule, args.sampler, args.steps)
+    p = sampler_steps(info.schedule, args.sampler, args.steps)
 
     def put(a):
         return jax.device_put(a, replicated)

@@ -38,7 +38,7 @@ _SLURM_NEEDED = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Startup:
     """How this process joins the job. ``mode``: single | explicit | slurm | tpu."""
 
     mode: str
@@ -148,7 +148,7 @@ def resolve(
     process_id: int | None = None,
     local_device_ids: str | Sequence[int] | None = None,
     tpu: bool | None = None,
-) -> Plan:
+) -> Startup:
     """The start-up plan from flags (first) and the environment. Raises ValueError naming the
     missing or inconsistent setting."""
     env = os.environ if env is None else env
@@ -180,7 +180,7 @@ def resolve(
         if n is not None and n < 1:
             raise ValueError(f"num_processes {n}: need at least 1")
         if n == 1 and addr is None:
-            return Plan("single", num_processes=1, process_id=0, reason="one process")
+            return Startup("single", num_processes=1, process_id=0, reason="one process")
         missing = [k for k, v in given.items() if v is None]
         if missing:
             have = ", ".join(f"{k} from {source[k]}" for k in source)
@@ -193,14 +193,14 @@ def resolve(
             raise ValueError(f"process_id {i} is not in [0, {n}): ids run from 0 to N-1")
         if ":" not in addr:
             raise ValueError(f"coordinator {addr!r}: use HOST:PORT, e.g. 10.0.0.2:1234")
-        return Plan("explicit", addr, n, i, ids, reason="explicit coordinator")
+        return Startup("explicit", addr, n, i, ids, reason="explicit coordinator")
 
     if all(env.get(k) for k in _SLURM_NEEDED) and int(env["SLURM_NTASKS"]) > 1:
         reason = "SLURM"
         if ids is None:
             ids, why = _slurm_devices(env)
             reason = f"SLURM: {why}"
-        return Plan(
+        return Startup(
             "slurm",
             num_processes=int(env["SLURM_NTASKS"]),
             process_id=int(env["SLURM_PROCID"]),
@@ -209,14 +209,14 @@ def resolve(
         )
 
     if on_cloud_tpu_vm() if tpu is None else tpu:
-        return Plan("tpu", local_device_ids=ids, reason="Cloud TPU VM (JAX detects the workers)")
-    return Plan("single", num_processes=1, process_id=0, reason="no coordinator, SLURM or TPU")
+        return Startup("tpu", local_device_ids=ids, reason="Cloud TPU VM (JAX detects the workers)")
+    return Startup("single", num_processes=1, process_id=0, reason="no coordinator, SLURM or TPU")
 
 
-_started: Plan | None = None
+_started: Startup | None = None
 
 
-def initialize(plan: Plan | None = None, **flags) -> Plan:
+def initialize(plan: Startup | None = None, **flags) -> Startup:
     """Start ``jax.distributed`` per ``plan`` (default: ``resolve(**flags)``). Idempotent; must
     run before JAX initialises a backend (anything that lists or uses devices)."""
     global _started
@@ -242,11 +242,11 @@ def initialize(plan: Plan | None = None, **flags) -> Plan:
     return plan
 
 
-def describe(plan: Plan | None = None) -> str:
+def describe(plan: Startup | None = None) -> str:
     """One line per process: who it is, its devices, what it writes."""
     import jax
 
-    plan = plan or _started or Plan("single")
+    plan = plan or _started or Startup("single")
     i, n = jax.process_index(), jax.process_count()
     local, total = jax.local_device_count(), jax.device_count()
     kind = jax.devices()[0].platform

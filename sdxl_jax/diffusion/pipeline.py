@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from sdxl_jax import conditioning
 from sdxl_jax.diffusion import samplers
 from sdxl_jax.diffusion.denoiser import conditional, denoiser, guided
-from sdxl_jax.diffusion.schedule import NoiseSchedule, Plan
+from sdxl_jax.diffusion.schedule import NoiseSchedule, SamplerSteps
 from sdxl_jax.models import vae as vae_lib
 from sdxl_jax.weights import diffusers_io, formats, single_file
 from sdxl_jax.weights.safetensors_io import TensorSource
@@ -255,7 +255,7 @@ class StageRunner:
     def denoise(
         self,
         x: jax.Array,
-        plan: Plan,
+        plan: SamplerSteps,
         cond: Conditioning,
         guidance: float,
         key: jax.Array,

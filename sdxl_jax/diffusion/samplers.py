@@ -1,4 +1,4 @@
-"""Samplers: small pure functions over a denoiser and a precomputed :class:`Plan`.
+"""Samplers: small pure functions over a denoiser and a precomputed :class:`SamplerSteps`.
 
 A denoiser maps ``(x_vp, t, sigma) -> (x0, eps)``: a variance-preserving state (what the UNet
 takes as input), its timestep and noise level, to the predicted clean latents and noise
@@ -16,10 +16,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from sdxl_jax.diffusion.schedule import Plan
+from sdxl_jax.diffusion.schedule import SamplerSteps
 
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-Arrays = dict[str, jax.Array]  # Plan.arrays(): t, sigma, sigma_next [n] f32, order [n] i32
+Arrays = dict[str, jax.Array]  # SamplerSteps.arrays(): t, sigma, sigma_next [n] f32, order [n] i32
 
 
 def _vp_scale(sigma: jax.Array) -> jax.Array:
@@ -119,8 +119,8 @@ def sample(
     return SAMPLER_FNS[sampler](denoise, x, p, key)
 
 
-def run_plan(
-    denoise: Denoiser, x: jax.Array, plan: Plan, key: jax.Array | None = None
+def run_steps(
+    denoise: Denoiser, x: jax.Array, plan: SamplerSteps, key: jax.Array | None = None
 ) -> jax.Array:
     """Convenience for tests and small models: jit and run one plan."""
     arrays = {k: jnp.asarray(v) for k, v in plan.arrays().items()}

@@ -169,7 +169,7 @@ def karras_sigmas(sigma_max: float, sigma_min: float, steps: int, rho: float = 7
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class SamplerSteps:
     """The steps one sampler run takes (all arrays [n], float64 on the host).
 
     Step i calls the model at timestep ``t[i]`` on a state at noise level ``sigma[i]`` and moves
@@ -209,7 +209,7 @@ class Plan:
         return x / np.sqrt(1 + s * s) if self.vp else x
 
 
-def plan(
+def sampler_steps(
     schedule: NoiseSchedule,
     sampler: str,
     steps: int,
@@ -219,7 +219,7 @@ def plan(
     strength: float | None = None,
     denoising_start: float | None = None,
     denoising_end: float | None = None,
-) -> Plan:
+) -> SamplerSteps:
     """The timesteps of ``steps`` sampling steps, windowed for img2img or a hand-off.
 
     ``strength`` (img2img) keeps the last ``int(steps * strength)`` steps. ``denoising_end``
@@ -294,4 +294,4 @@ def plan(
     order[start] = 1
     order[n - 1] = 1
     sl = slice(start, stop)
-    return Plan(sampler, t[sl], sigma[sl], sigma_next[sl], order[sl], init_scale)
+    return SamplerSteps(sampler, t[sl], sigma[sl], sigma_next[sl], order[sl], init_scale)

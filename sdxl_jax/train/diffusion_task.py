@@ -39,7 +39,7 @@ from sdxl_jax import workdir as workdir_lib
 from sdxl_jax.diffusion import denoiser as denoiser_lib
 from sdxl_jax.diffusion import pipeline as sample_pipeline
 from sdxl_jax.diffusion import samplers
-from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, plan
+from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, sampler_steps
 from sdxl_jax.models import vae as vae_lib
 from sdxl_jax.models.unet import UNet2DConditionModel, UNetConfig
 from sdxl_jax.train import config as config_lib
@@ -320,7 +320,7 @@ class DiffusionTask:
 
     def _sample_fn(self, params, text_state, vae_state, ids, tids, noise, guidance, *, steps):
         schedule = self.step_config.schedule
-        p = plan(schedule, "ddim", steps, spacing="trailing")
+        p = sampler_steps(schedule, "ddim", steps, spacing="trailing")
         clip_l, clip_g = nnx.merge(self._text_graph, text_state)
         context, pooled = conditioning.encode_text(clip_l, clip_g, ids)
         if self.refiner:

@@ -32,7 +32,7 @@ from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
 from sdxl_jax.diffusion import denoiser as dn
 from sdxl_jax.diffusion import samplers
-from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, plan
+from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, sampler_steps
 
 SCHEDULE = NoiseSchedule()
 # SDXL's sigma table in float64, from the closed form (scaled_linear betas), not from the code.
@@ -130,7 +130,7 @@ def continuum_moments(p, mu: float, s: float) -> tuple[float, float]:
 
 @functools.cache
 def compiled(sampler: str, denoise):
-    """samplers.run_plan without a fresh trace per call: the program is reused for every plan
+    """samplers.run_steps without a fresh trace per call: the program is reused for every plan
     of the same length (spacings, windows), which keeps this file's compile time down."""
     return jax.jit(lambda x, arrays, key: samplers.sample(sampler, denoise, x, arrays, key))
 
@@ -184,10 +184,10 @@ def test_gaussian_data_moments(sampler, karras, steps, mu, s):
     sigma_down = sigma' or with the same noise at every step, DPM++ without, with a doubled or
     with an inverted-ratio second-order term, DPM++ without the VP state rescaling.
     """
-    p = plan(SCHEDULE, sampler, steps, karras=karras)
+    p = sampler_steps(SCHEDULE, sampler, steps, karras=karras)
     x = p.init_scale * jax.random.normal(jax.random.key(0), (N_SAMPLES, 1, 1, 1), jnp.float32)
     key = jax.random.key(1) if sampler == "euler_a" else None
-    out = np.asarray(samplers.run_plan(gaussian_denoiser(mu, s), x, p, key), np.float64)
+    out = np.asarray(samplers.run_steps(gaussian_denoiser(mu, s), x, p, key), np.float64)
     assert np.isfinite(out).all()
     mean, std = out.mean(), out.std()
 
@@ -212,7 +212,7 @@ def test_ddim_ends_at_alpha_bar_0():
     narrow data (s = 0.02 < sigma_min) the final std is sqrt(s^2 + sigma_min^2) / sqrt(1 +
     sigma_min^2) ~ 0.035, 75% above s."""
     mu, s = 0.25, 0.02
-    p = plan(SCHEDULE, "ddim", 50)
+    p = sampler_steps(SCHEDULE, "ddim", 50)
     sigma_min = REF_SIGMAS[0]
     assert p.sigma_next[-1] == pytest.approx(sigma_min, rel=1e-6)
     x = jnp.asarray([0.0, 1.0], jnp.float32)
@@ -241,7 +241,7 @@ def test_deterministic_samplers_exact_affine_map(sampler, karras, spacing, steps
     if karras and sampler == "dpmpp_2m" and spacing != "leading":
         pytest.skip("DPM's Karras sigmas ignore the spacing")
     mu, s = -0.7, 0.6
-    p = plan(SCHEDULE, sampler, steps, spacing=spacing, karras=karras)
+    p = sampler_steps(SCHEDULE, sampler, steps, spacing=spacing, karras=karras)
     x = np.array([-3.0, -1.0, 0.0, 0.5, 2.0], np.float32) * np.float32(p.init_scale)
     out = run_gaussian(p, mu, s, jnp.asarray(x))
     a, b, noise_var = reference_moments(p, mu, s)
@@ -269,8 +269,8 @@ def test_deterministic_samplers_converge(sampler, karras, mu, s):
     """Error against the exact ODE map shrinks with the number of steps. Measured 10 -> 100
     steps: 6-9x for the first-order samplers (and for DPM++ on the leading grid, whose last
     step sigma(t=10) -> 0 is first order), 280x for DPM++ with Karras sigmas at s = 1.5."""
-    e10 = _ode_error(plan(SCHEDULE, sampler, 10, karras=karras), mu, s)
-    e100 = _ode_error(plan(SCHEDULE, sampler, 100, karras=karras), mu, s)
+    e10 = _ode_error(sampler_steps(SCHEDULE, sampler, 10, karras=karras), mu, s)
+    e100 = _ode_error(sampler_steps(SCHEDULE, sampler, 100, karras=karras), mu, s)
     assert e100 < e10 / 4, (e10, e100)
     if sampler == "dpmpp_2m" and karras and s == 1.5:
         # Second order: first-order DPM++ on the same grid gains only ~10x.
@@ -278,11 +278,11 @@ def test_deterministic_samplers_converge(sampler, karras, mu, s):
 
 
 def test_euler_ancestral_needs_a_key_and_uses_it():
-    p = plan(SCHEDULE, "euler_a", 10)
+    p = sampler_steps(SCHEDULE, "euler_a", 10)
     x = p.init_scale * jax.random.normal(jax.random.key(0), (4, 4, 4, 1))
     denoise = gaussian_denoiser(0.0, 1.0)
     with pytest.raises(ValueError, match="key"):
-        samplers.run_plan(denoise, x, p)
+        samplers.run_steps(denoise, x, p)
     run = jax.jit(lambda x, a, k: samplers.sample("euler_a", denoise, x, a, k))
     arrays = {k: jnp.asarray(v) for k, v in p.arrays().items()}
     a, b, c = (np.asarray(run(x, arrays, jax.random.key(k))) for k in (1, 1, 2))
@@ -389,7 +389,7 @@ def test_parity_with_diffusers(sampler, karras, spacing, steps):
     sched = make_scheduler(sampler, spacing, karras)
     sched.set_timesteps(steps)
     ref = diffusers_loop(sched, torch.from_numpy(x) * sched.init_noise_sigma, sched.timesteps)
-    p = plan(SCHEDULE, sampler, steps, spacing=spacing, karras=karras)
+    p = sampler_steps(SCHEDULE, sampler, steps, spacing=spacing, karras=karras)
     assert_parity(ours(p, x * np.float32(p.init_scale)), ref)
 
 
@@ -399,7 +399,7 @@ def test_parity_with_diffusers_many_steps():
         sched = make_scheduler(sampler, "leading", karras)
         sched.set_timesteps(50)
         ref = diffusers_loop(sched, torch.from_numpy(x) * sched.init_noise_sigma, sched.timesteps)
-        p = plan(SCHEDULE, sampler, 50, karras=karras)
+        p = sampler_steps(SCHEDULE, sampler, 50, karras=karras)
         assert_parity(ours(p, x * np.float32(p.init_scale)), ref)
 
 
@@ -418,7 +418,7 @@ def test_euler_ancestral_parity_with_diffusers(spacing, monkeypatch):
     sched = make_scheduler("euler_a", spacing)
     sched.set_timesteps(steps)
     ref = diffusers_loop(sched, torch.from_numpy(x) * sched.init_noise_sigma, sched.timesteps)
-    p = plan(SCHEDULE, "euler_a", steps, spacing=spacing)
+    p = sampler_steps(SCHEDULE, "euler_a", steps, spacing=spacing)
     assert_parity(ours(p, x * np.float32(p.init_scale), key), ref)
 
 
@@ -449,8 +449,8 @@ def test_base_refiner_handoff_parity(sampler, karras, spacing, frac):
     ref = diffusers_loop(refiner, ref_mid.clone(), refiner.timesteps[start:])
 
     kw = dict(spacing=spacing, karras=karras)
-    p_base = plan(SCHEDULE, sampler, steps, denoising_end=frac, **kw)
-    p_ref = plan(SCHEDULE, sampler, steps, denoising_start=frac, **kw)
+    p_base = sampler_steps(SCHEDULE, sampler, steps, denoising_end=frac, **kw)
+    p_ref = sampler_steps(SCHEDULE, sampler, steps, denoising_start=frac, **kw)
     assert p_base.steps == len(base_ts) and p_ref.steps == steps - start
     mid = ours(p_base, x * np.float32(p_base.init_scale))
     assert_parity(mid, ref_mid)
@@ -472,7 +472,7 @@ def test_img2img_parity(sampler, karras, strength):
     ref = diffusers_loop(
         sched, sched.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), t0), ts
     )
-    p = plan(SCHEDULE, sampler, steps, karras=karras, strength=strength)
+    p = sampler_steps(SCHEDULE, sampler, steps, karras=karras, strength=strength)
     start_state = p.noised(x0, noise).astype(np.float32)
     assert_parity(ours(p, start_state), ref)
 
@@ -566,8 +566,10 @@ def test_guided_denoiser_in_a_sampler():
         return sigma * (y - m[:, None, None, None]) / (s * s + sigma * sigma)
 
     m_u, m_c = jnp.zeros(4), jnp.full(4, 0.2)
-    p = plan(SCHEDULE, "euler", 30)  # integer timesteps: the model's sigma(t) is the plan's
+    p = sampler_steps(
+        SCHEDULE, "euler", 30
+    )  # integer timesteps: sigma(t) is the steps'
     x = p.init_scale * jax.random.normal(jax.random.key(3), (4, 64, 64, 1))
-    out = samplers.run_plan(dn.denoiser(dn.guided(model, m_c, m_u, w)), x, p)
+    out = samplers.run_steps(dn.denoiser(dn.guided(model, m_c, m_u, w)), x, p)
     a, b, _ = reference_moments(p, 0.2 * w, s)
     np.testing.assert_allclose(np.asarray(out), b + a * np.asarray(x), atol=1e-4)

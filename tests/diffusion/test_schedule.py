@@ -29,13 +29,18 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
 )
 
-from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, karras_sigmas, plan
+from sdxl_jax.diffusion.schedule import (
+    SDXL_SCHEDULER_CONFIG,
+    NoiseSchedule,
+    karras_sigmas,
+    sampler_steps,
+)
 
 SIGMA_RTOL = 5e-5
 T_ATOL = 1e-4
 T_ATOL_KARRAS = 5e-3
 SPACINGS = ("leading", "trailing", "linspace")
-# (sampler, karras) for every combination plan() supports.
+# (sampler, karras) for every combination sampler_steps() supports.
 CONFIGS = [
     ("ddim", False),
     ("euler", False),
@@ -204,11 +209,11 @@ def test_plan_matches_diffusers(sampler, karras, spacing, steps):
         # Leading spacing puts the last step at t = 999 + steps_offset = 1000, past the table:
         # diffusers' DDIMScheduler.step fails there too (alphas_cumprod[1000]).
         with pytest.raises((ValueError, IndexError)):
-            plan(SCHEDULE, sampler, steps, spacing=spacing)
+            sampler_steps(SCHEDULE, sampler, steps, spacing=spacing)
         return
     sched = make_scheduler(sampler, spacing, karras)
     sched.set_timesteps(steps)
-    p = plan(SCHEDULE, sampler, steps, spacing=spacing, karras=karras)
+    p = sampler_steps(SCHEDULE, sampler, steps, spacing=spacing, karras=karras)
     assert_plan_matches(p, sched, sampler, karras)
     assert p.steps == steps
     assert p.init_scale == pytest.approx(float(sched.init_noise_sigma), rel=SIGMA_RTOL)
@@ -225,8 +230,8 @@ def test_plan_matches_diffusers(sampler, karras, spacing, steps):
 def test_plan_spacing_defaults_to_the_schedule():
     trailing = NoiseSchedule(timestep_spacing="trailing")
     for sampler in ("ddim", "euler", "dpmpp_2m"):
-        got = plan(trailing, sampler, 10)
-        want = plan(SCHEDULE, sampler, 10, spacing="trailing")
+        got = sampler_steps(trailing, sampler, 10)
+        want = sampler_steps(SCHEDULE, sampler, 10, spacing="trailing")
         np.testing.assert_array_equal(got.t, want.t)
         np.testing.assert_array_equal(got.sigma, want.sigma)
 
@@ -238,7 +243,7 @@ def test_dpm_orders_match_diffusers(spacing, karras, steps):
     sched = make_scheduler("dpmpp_2m", spacing, karras)
     sched.set_timesteps(steps)
     ref = dpm_orders(sched, sched.timesteps)
-    p = plan(SCHEDULE, "dpmpp_2m", steps, spacing=spacing, karras=karras)
+    p = sampler_steps(SCHEDULE, "dpmpp_2m", steps, spacing=spacing, karras=karras)
     assert p.order.tolist() == ref
 
 
@@ -255,7 +260,7 @@ def test_strength_window_matches_img2img(sampler, karras, spacing, steps, streng
     start, n = img2img_timesteps(sched, steps, strength)
     # The rule, independently: the last int(steps * strength) steps.
     assert n == min(int(steps * strength), steps)
-    p = plan(SCHEDULE, sampler, steps, spacing=spacing, karras=karras, strength=strength)
+    p = sampler_steps(SCHEDULE, sampler, steps, spacing=spacing, karras=karras, strength=strength)
     assert_plan_matches(p, sched, sampler, karras, lo=start)
     if sampler == "dpmpp_2m":
         assert p.order.tolist() == dpm_orders(sched, sched.timesteps[start:])
@@ -274,29 +279,37 @@ def test_base_refiner_windows_match_diffusers(sampler, karras, spacing, steps, f
     start, n = img2img_timesteps(refiner, steps, denoising_start=frac)
 
     if stop > 0:
-        p_base = plan(SCHEDULE, sampler, steps, spacing=spacing, karras=karras, denoising_end=frac)
+        p_base = sampler_steps(
+            SCHEDULE, sampler, steps, spacing=spacing, karras=karras, denoising_end=frac
+        )
         assert_plan_matches(p_base, base, sampler, karras, hi=stop)
         assert p_base.init_scale == pytest.approx(float(base.init_noise_sigma), rel=SIGMA_RTOL)
         if sampler == "dpmpp_2m":
             assert p_base.order.tolist() == dpm_orders(base, base.timesteps[:stop])
     else:
         with pytest.raises(ValueError, match="no steps left"):
-            plan(SCHEDULE, sampler, steps, spacing=spacing, karras=karras, denoising_end=frac)
+            sampler_steps(
+                SCHEDULE, sampler, steps, spacing=spacing, karras=karras, denoising_end=frac
+            )
     if n > 0:
-        p_ref = plan(SCHEDULE, sampler, steps, spacing=spacing, karras=karras, denoising_start=frac)
+        p_ref = sampler_steps(
+            SCHEDULE, sampler, steps, spacing=spacing, karras=karras, denoising_start=frac
+        )
         assert_plan_matches(p_ref, refiner, sampler, karras, lo=start)
         if sampler == "dpmpp_2m":  # a fresh solver: first order again at the hand-off
             assert p_ref.order.tolist() == dpm_orders(refiner, refiner.timesteps[start:])
     else:
         with pytest.raises(ValueError, match="no steps left"):
-            plan(SCHEDULE, sampler, steps, spacing=spacing, karras=karras, denoising_start=frac)
+            sampler_steps(
+                SCHEDULE, sampler, steps, spacing=spacing, karras=karras, denoising_start=frac
+            )
     # The two windows split the schedule (the refiner's start is the base's stop).
     assert start == stop
 
 
 def test_denoising_start_overrides_strength():
-    a = plan(SCHEDULE, "euler", 30, denoising_start=0.8, strength=0.3)
-    b = plan(SCHEDULE, "euler", 30, denoising_start=0.8)
+    a = sampler_steps(SCHEDULE, "euler", 30, denoising_start=0.8, strength=0.3)
+    b = sampler_steps(SCHEDULE, "euler", 30, denoising_start=0.8)
     np.testing.assert_array_equal(a.t, b.t)
 
 
@@ -314,7 +327,7 @@ def test_noised_matches_add_noise(sampler, karras, spacing, strength):
     x0 = torch.randn(2, 4, 8, 8, generator=gen)
     noise = torch.randn(2, 4, 8, 8, generator=gen)
     ref = sched.add_noise(x0, noise, sched.timesteps[start : start + 1].repeat(2)).numpy()
-    p = plan(SCHEDULE, sampler, 25, spacing=spacing, karras=karras, strength=strength)
+    p = sampler_steps(SCHEDULE, sampler, 25, spacing=spacing, karras=karras, strength=strength)
     got = p.noised(x0.numpy(), noise.numpy())
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * max(1.0, float(p.sigma[0])))
 
@@ -322,10 +335,10 @@ def test_noised_matches_add_noise(sampler, karras, spacing, strength):
 def test_noised_closed_form():
     x0 = np.array([0.5, -1.0])
     noise = np.array([1.0, 2.0])
-    p = plan(SCHEDULE, "ddim", 10, strength=0.5)
+    p = sampler_steps(SCHEDULE, "ddim", 10, strength=0.5)
     a = SCHEDULE.alphas_cumprod[int(p.t[0])]
     np.testing.assert_allclose(p.noised(x0, noise), np.sqrt(a) * x0 + np.sqrt(1 - a) * noise)
-    p = plan(SCHEDULE, "euler", 10, strength=0.5)
+    p = sampler_steps(SCHEDULE, "euler", 10, strength=0.5)
     np.testing.assert_allclose(p.noised(x0, noise), x0 + p.sigma[0] * noise)
 
 
@@ -334,36 +347,36 @@ def test_noised_closed_form():
 
 def test_plan_errors():
     with pytest.raises(ValueError, match="unknown sampler"):
-        plan(SCHEDULE, "heun", 10)
+        sampler_steps(SCHEDULE, "heun", 10)
     for sampler in ("ddim", "euler_a"):
         with pytest.raises(ValueError, match="Karras"):
-            plan(SCHEDULE, sampler, 10, karras=True)
+            sampler_steps(SCHEDULE, sampler, 10, karras=True)
     with pytest.raises(ValueError, match="timestep spacing"):
-        plan(SCHEDULE, "euler", 10, spacing="karras")
+        sampler_steps(SCHEDULE, "euler", 10, spacing="karras")
     for steps in (0, 1001):
         with pytest.raises(ValueError, match="steps"):
-            plan(SCHEDULE, "euler", steps)
+            sampler_steps(SCHEDULE, "euler", steps)
     for strength in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match="strength"):
-            plan(SCHEDULE, "euler", 10, strength=strength)
+            sampler_steps(SCHEDULE, "euler", 10, strength=strength)
     for key in ("denoising_start", "denoising_end"):
         for v in (0.0, 1.0, 1.2):
             with pytest.raises(ValueError, match=key):
-                plan(SCHEDULE, "euler", 10, **{key: v})
+                sampler_steps(SCHEDULE, "euler", 10, **{key: v})
     # int(4 * 0.2) == 0 steps: img2img would do nothing.
     with pytest.raises(ValueError, match="no steps left"):
-        plan(SCHEDULE, "euler", 4, strength=0.2)
+        sampler_steps(SCHEDULE, "euler", 4, strength=0.2)
     # Leading spacing ends at t = 1: nothing below the cutoff round(1000 - 0.9995 * 1000) = 0.
     with pytest.raises(ValueError, match="no steps left"):
-        plan(SCHEDULE, "dpmpp_2m", 10, denoising_start=0.9995)
+        sampler_steps(SCHEDULE, "dpmpp_2m", 10, denoising_start=0.9995)
     # The first of 10 leading steps is t = 901 < round(1000 - 0.05 * 1000) = 950.
     with pytest.raises(ValueError, match="no steps left"):
-        plan(SCHEDULE, "ddim", 10, denoising_end=0.05)
+        sampler_steps(SCHEDULE, "ddim", 10, denoising_end=0.05)
     with pytest.raises(ValueError, match="no steps left"):
-        plan(SCHEDULE, "euler", 10, denoising_start=0.8, denoising_end=0.5)
+        sampler_steps(SCHEDULE, "euler", 10, denoising_start=0.8, denoising_end=0.5)
 
 
 def test_plan_is_frozen():
-    p = plan(SCHEDULE, "euler", 4)
+    p = sampler_steps(SCHEDULE, "euler", 4)
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.sampler = "ddim"
