@@ -169,24 +169,24 @@ def sample(args, conds: list[dict]) -> tuple[dict, dict]:
     import jax.numpy as jnp
 
     from sdxl_jax.conditioning import base_time_ids
-    from sdxl_jax.diffusion import pipeline
     from sdxl_jax.diffusion.schedule import sampler_steps
+    from sdxl_jax.inference import checkpoints, runtime
 
     t0 = time.perf_counter()
-    info = pipeline.check_stage(args.checkpoint)
+    info = checkpoints.check_stage(args.checkpoint)
     if info.role != "base":
         raise ValueError(f"{args.checkpoint} is an SDXL refiner; pass a base export")
     factor = info.configs["vae"].downscale
     if args.size % factor:
         raise ValueError(f"--size {args.size} is not a multiple of the VAE's {factor}")
-    mesh = pipeline.make_mesh()
-    runner = pipeline.StageRunner(pipeline.load_stage(info, dtype=jnp.float32), mesh)
-    vae = pipeline.load_vae(args.checkpoint, mesh)
+    mesh = runtime.make_mesh()
+    runner = runtime.StageRunner(runtime.load_stage(info, dtype=jnp.float32), mesh)
+    vae = runtime.load_vae(args.checkpoint, mesh)
     load_s = time.perf_counter() - t0
 
     prompts = [c for c in CAPTIONS for _ in range(args.images_per_caption)]
     n = len(prompts)
-    full = list(range(n)) + [n - 1] * (pipeline.padded(n, mesh.devices.size) - n)
+    full = list(range(n)) + [n - 1] * (runtime.padded(n, mesh.devices.size) - n)
     ctx, pooled = runner.encode([prompts[i] for i in full])
     if info.force_zeros_for_empty_prompt:
         neg_ctx, neg_pooled = jnp.zeros_like(ctx), jnp.zeros_like(pooled)
@@ -194,14 +194,14 @@ def sample(args, conds: list[dict]) -> tuple[dict, dict]:
         neg_ctx, neg_pooled = runner.encode([""] * len(full))
     latent = (args.size // factor, args.size // factor, info.configs["unet"].in_channels)
     p = sampler_steps(info.schedule, "ddim", args.steps)
-    x = pipeline.initial_noise(args.seed, full, latent) * p.init_scale  # the same per condition
-    keys = pipeline.image_keys(args.seed, 1, full)
+    x = runtime.initial_noise(args.seed, full, latent) * p.init_scale  # the same per condition
+    keys = runtime.image_keys(args.seed, 1, full)
     out, cond_s = {}, []
     for c in conds:
         t = time.perf_counter()
         ids = base_time_ids(c["original"], c["crop"], (args.size, args.size))
-        ids = pipeline.shard_batch(np.ascontiguousarray(np.broadcast_to(ids, (len(full), 6))), mesh)
-        cond = pipeline.Conditioning(ctx, pooled, ids, neg_ctx, neg_pooled, ids)
+        ids = runtime.shard_batch(np.ascontiguousarray(np.broadcast_to(ids, (len(full), 6))), mesh)
+        cond = runtime.Conditioning(ctx, pooled, ids, neg_ctx, neg_pooled, ids)
         out[c["name"]] = vae.decode(runner.denoise(x, p, cond, args.guidance, keys))[:n]
         cond_s.append(time.perf_counter() - t)
         print(f"  sampled {c['name']}: {n} images in {cond_s[-1]:.1f} s", file=sys.stderr)
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from PIL import Image
 
-    from sdxl_jax.sample import contact_sheet
+    from sdxl_jax.inference.outputs import contact_sheet
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

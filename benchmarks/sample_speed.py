@@ -262,8 +262,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from sdxl_jax.diffusion import pipeline
     from sdxl_jax.diffusion.schedule import NoiseSchedule, sampler_steps
+    from sdxl_jax.inference import checkpoints, runtime
     from sdxl_jax.weights.components import COMPONENTS
 
     dev = jax.devices()[0]
@@ -282,7 +282,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(f"[ours] {env}", flush=True)
 
-    mesh = pipeline.make_mesh([dev])  # one device: the benchmark is per chip
+    mesh = runtime.make_mesh([dev])  # one device: the benchmark is per chip
     replicated = NamedSharding(mesh, P())
     t0 = time.perf_counter()
 
@@ -299,7 +299,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     jax.block_until_ready((unet_state, vae_state))
     n_unet = sum(x.size for x in jax.tree.leaves(unet_state))
     n_vae = sum(x.size for x in jax.tree.leaves(vae_state))
-    info = pipeline.StageInfo(
+    info = checkpoints.StageInfo(
         path=Path("<random>"),
         fmt="random",
         role="base",
@@ -311,10 +311,12 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     def stage_runner(graph: Any) -> Any:
         # No text encoders: the benchmark feeds precomputed embeddings.
-        return pipeline.StageRunner(pipeline.Stage(info, graph, unet_state, None, None, None), mesh)
+        return runtime.StageRunner(
+            runtime.StageModels(info, graph, unet_state, None, None, None), mesh
+        )
 
     runner = stage_runner(graph)
-    vae = pipeline.VAERunner(nnx.merge(vae_graph, vae_state), mesh)
+    vae = runtime.VAERunner(nnx.merge(vae_graph, vae_state), mesh)
     del vae_state, unet_abs, vae_abs
     setup_s = time.perf_counter() - t0
     print(
@@ -329,7 +331,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     def put(a):
         return jax.device_put(a, replicated)
 
-    cond = pipeline.Conditioning(
+    cond = runtime.Conditioning(
         put(inp["context"]),
         put(inp["pooled"]),
         put(inp["time_ids"]),

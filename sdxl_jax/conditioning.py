@@ -25,6 +25,9 @@ import numpy as np
 from sdxl_jax.models.clip import CLIPTextModel
 
 MAX_TOKENS = 77
+# diffusers' SDXL refiner defaults: aesthetic score of the conditional and negative branch.
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
 TOKENIZER_FOLDERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 

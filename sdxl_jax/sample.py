@@ -13,23 +13,23 @@ Writes one PNG per image (its settings in a PNG text chunk), grid.png and manife
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sdxl_jax.diffusion.schedule import KARRAS_SAMPLERS, SAMPLERS, SPACINGS
+from sdxl_jax.inference.generate import DTYPES, Models, Request, UsageError
 
-SCHEDULER_SAMPLERS = {
-    "DDIMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-}
+# A manifest entry's settings, in order (then "file").
+RECORD_KEYS = (
+    "index", "prompt", "negative_prompt", "image_of_prompt", "seed", "noise", "height", "width",
+    "steps", "sampler", "karras", "guidance", "checkpoint", "refiner", "handoff", "init_image",
+    "strength",
+)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--tokenizers", help="folder with tokenizer/ and tokenizer_2/ (single files)")
     g.add_argument(
         "--dtype",
-        choices=("auto", "fp32", "bf16", "fp16"),
+        choices=DTYPES,
         default="auto",
         help="UNet and text encoder weights and compute (auto: bf16 on GPU/TPU, fp32 on CPU); "
         "the VAE always runs in fp32",
@@ -102,10 +102,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class UsageError(ValueError):
-    """Bad arguments: reported in one line before anything loads or compiles."""
-
-
 def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt:
         return list(args.prompt)
@@ -138,257 +134,84 @@ def read_image(path: str, height: int | None, width: int | None) -> np.ndarray:
     return np.asarray(img, np.uint8)
 
 
-def validate(args: argparse.Namespace) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """The command line, checked: the models to load and the request to run."""
+
+    models: Models
+    request: Request
+
+
+def validate(args: argparse.Namespace) -> Job:
     """Everything checkable from arguments and configs, before weights load or code compiles."""
-    from sdxl_jax.data.buckets import SDXL_BUCKETS
-    from sdxl_jax.diffusion import pipeline
-    from sdxl_jax.diffusion.schedule import plan
+    from sdxl_jax.inference.generate import check_models, make_request
 
     prompts = read_prompts(args)
-    if args.num_images < 1:
-        raise UsageError("--num-images must be at least 1")
-    if args.steps < 1:
-        raise UsageError("--steps must be at least 1")
-    if args.guidance < 0:
-        raise UsageError("--guidance must be >= 0 (1 turns guidance off)")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    try:
-        base = pipeline.check_stage(args.checkpoint, need_vae=args.vae is None)
-        refiner = pipeline.check_stage(args.refiner, need_vae=False) if args.refiner else None
-        vae_cfg = pipeline.check_vae(args.vae or args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from e
-    if base.role == "refiner" and not args.init_image:
-        raise UsageError(
-            f"--checkpoint {args.checkpoint} is an SDXL refiner: pass a base as --checkpoint "
-            f"and this as --refiner, or give --init-image to refine an image with it"
-        )
-    if refiner is not None and refiner.role != "refiner":
-        raise UsageError(f"--refiner {args.refiner} is an SDXL base, not a refiner")
-    if refiner is not None and not 0 < args.handoff < 1:
-        raise UsageError(f"--handoff must be in (0, 1), got {args.handoff}")
-
-    factor = vae_cfg.downscale
-    default = base.configs["unet"].sample_size * factor
+    models = check_models(
+        args.checkpoint, refiner=args.refiner, vae=args.vae, tokenizers=args.tokenizers
+    )
     image = None
     if args.init_image:
         if not Path(args.init_image).exists():
             raise UsageError(f"--init-image {args.init_image} does not exist")
         image = read_image(args.init_image, args.height, args.width)
-        height, width = image.shape[:2]
-    else:
-        height, width = args.height or default, args.width or default
-    for name, v in (("height", height), ("width", width)):
-        if v <= 0 or v % factor:
-            raise UsageError(
-                f"--{name} {v} is not a positive multiple of {factor} (the VAE's downscale); "
-                f"try {max(factor, v // factor * factor)}"
-            )
-    if (height, width) not in SDXL_BUCKETS and base.configs["unet"].sample_size == 128:
-        warnings.warn(
-            f"{height}x{width} is not one of SDXL's training sizes (e.g. 1024x1024, 832x1216, "
-            f"1216x832); quality may suffer",
-            stacklevel=2,
-        )
-
-    sampler = args.sampler or default_sampler(base.path)
-    n_images = len(prompts) * args.num_images
-    # The checkpoint's scheduler may ask for Karras sigmas (diffusers honours it; so do we).
-    karras = args.karras or (base.schedule.use_karras_sigmas and sampler in KARRAS_SAMPLERS)
-    kw = dict(spacing=args.spacing, karras=karras)
+    noise = np.load(args.noise) if args.noise else None
     try:
-        strength = args.strength if image is not None else None
-        end = args.handoff if refiner else None
-        plans = {
-            "base": plan(
-                base.schedule, sampler, args.steps, strength=strength, denoising_end=end, **kw
-            )
-        }
-        if refiner:
-            plans["refiner"] = plan(
-                refiner.schedule, sampler, args.steps, denoising_start=args.handoff, **kw
-            )
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-
-    latent_c = base.configs["unet"].in_channels
-    noise = None
-    if args.noise:
-        noise = np.load(args.noise)
-        want = (n_images, latent_c, height // factor, width // factor)
-        if noise.shape != want or noise.dtype != np.float32:
-            raise UsageError(
-                f"--noise {args.noise} is {noise.dtype} {list(noise.shape)}; expected float32 "
-                f"{list(want)} ([images, channels, height/{factor}, width/{factor}])"
-            )
-    return dict(
-        prompts=prompts,
-        base=base,
-        refiner=refiner,
-        height=height,
-        width=width,
-        factor=factor,
-        sampler=sampler,
-        karras=karras,
-        plans=plans,
-        image=image,
-        noise=noise,
-        n_images=n_images,
-    )
-
-
-def default_sampler(path: Path) -> str:
-    cfg = Path(path) / "scheduler" / "scheduler_config.json"
-    if cfg.exists():
-        name = json.loads(cfg.read_text()).get("_class_name")
-        return SCHEDULER_SAMPLERS.get(name, "euler")
-    return "euler"
-
-
-def png_info(params: dict[str, Any]) -> Any:
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    text = (
-        f"{params['prompt']}\nNegative prompt: {params['negative_prompt'] or ''}\n"
-        f"Steps: {params['steps']}, Sampler: {params['sampler']}, CFG scale: {params['guidance']}, "
-        f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}"
-    )
-    info.add_text("parameters", text)
-    info.add_text("sdxl_jax", json.dumps(params))
-    return info
-
-
-def contact_sheet(images: list[np.ndarray], max_side: int = 256) -> np.ndarray:
-    """Images laid out on a near-square grid, each shrunk to at most ``max_side``."""
-    from PIL import Image
-
-    cols = int(np.ceil(np.sqrt(len(images))))
-    rows = int(np.ceil(len(images) / cols))
-    h, w = images[0].shape[:2]
-    s = min(1.0, max_side / max(h, w))
-    th, tw = max(1, int(h * s)), max(1, int(w * s))
-    sheet = np.full((rows * th, cols * tw, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        tile = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.LANCZOS))
-        r, c = divmod(i, cols)
-        sheet[r * th : (r + 1) * th, c * tw : (c + 1) * tw] = tile
-    return sheet
+        request = make_request(
+            models, prompts, negative_prompt=args.negative_prompt, num_images=args.num_images,
+            height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
+            sampler=args.sampler, karras=args.karras, spacing=args.spacing, seed=args.seed,
+            noise=noise, handoff=args.handoff, init_image=image, strength=args.strength,
+        )  # fmt: skip
+    except UsageError as e:
+        if str(e).startswith("--noise is"):  # name the file
+            raise UsageError(f"--noise {args.noise}{str(e)[len('--noise') :]}") from e
+        raise
+    return Job(models, request)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Validate, load, generate, write; returns the manifest."""
     t_start = time.perf_counter()
-    v = validate(args)
+    job = validate(args)
     origin = getattr(args, "origin", {})  # set by main for gs:// checkpoints
 
-    import jax
     import jax.numpy as jnp
-    from PIL import Image
-    from tqdm import tqdm
 
-    from sdxl_jax.diffusion import pipeline
+    from sdxl_jax.inference.generate import Generator
+    from sdxl_jax.inference.outputs import ImageFolder
 
-    on_cpu = jax.default_backend() == "cpu"
-    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}.get(
-        args.dtype, jnp.float32 if on_cpu else jnp.bfloat16
-    )
-    mesh = pipeline.make_mesh()
-    n_dev = mesh.devices.size
-    batch = pipeline.padded(args.batch_size or n_dev, n_dev)
-
-    t0 = time.perf_counter()
-    base = pipeline.StageRunner(
-        pipeline.load_stage(v["base"], dtype=dtype, tokenizers=args.tokenizers, progress=True),
-        mesh,
-    )
-    refiner = None
-    if v["refiner"] is not None:
-        refiner = pipeline.StageRunner(
-            pipeline.load_stage(
-                v["refiner"], dtype=dtype, tokenizers=args.tokenizers, progress=True
-            ),
-            mesh,
-        )
-    vae = pipeline.load_vae(args.vae or args.checkpoint, mesh, progress=True)
-    vae.tile = args.vae_tile
-    load_s = time.perf_counter() - t0
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    h, w, f = v["height"], v["width"], v["factor"]
-    shape = (h // f, w // f, v["base"].configs["unet"].in_channels)
-    jobs = [(p, k) for p in v["prompts"] for k in range(args.num_images)]
-    negative = args.negative_prompt
-    plans = v["plans"]
-    records, images, batch_s = [], [], []
-    bar = tqdm(total=len(jobs), unit="img", desc="sampling", file=sys.stderr)
-    for start in range(0, len(jobs), batch):
-        t_batch = time.perf_counter()
-        idx = list(range(start, min(start + batch, len(jobs))))
-        full = idx + [idx[-1]] * (batch - len(idx))  # pad: one compiled shape for every batch
-        prompts = [jobs[i][0] for i in full]
-        if v["noise"] is not None:
-            noise = v["noise"][full].transpose(0, 2, 3, 1)
-        else:
-            noise = pipeline.initial_noise(args.seed, full, shape)
-        negs = None if negative is None else [negative] * len(full)
-        cond = base.conditioning(prompts, negs, h, w, args.guidance > 1)
-        p = plans["base"]
-        if v["image"] is not None:
-            images_in = np.broadcast_to(v["image"], (len(full), *v["image"].shape))
-            keys = pipeline.image_keys(args.seed, 0, full)
-            x0 = vae.encode(np.ascontiguousarray(images_in), keys)
-            x = p.noised(np.asarray(x0), noise)
-        else:
-            x = noise * p.init_scale
-        # Per-image keys for euler_a's fresh noise: an image does not depend on its batch.
-        keys = pipeline.image_keys(args.seed, 1, full)
-        x = base.denoise(np.asarray(x, np.float32), p, cond, args.guidance, keys)
-        if refiner is not None:
-            rcond = refiner.conditioning(prompts, negs, h, w, args.guidance > 1)
-            x = refiner.denoise(
-                x, plans["refiner"], rcond, args.guidance, pipeline.image_keys(args.seed, 2, full)
-            )
-        imgs = vae.decode(x)[: len(idx)]
-        batch_s.append(time.perf_counter() - t_batch)
-        for i, img in zip(idx, imgs, strict=True):
-            prompt, k = jobs[i]
-            params = dict(
-                index=i, prompt=prompt, negative_prompt=negative, image_of_prompt=k,
-                seed=args.seed, noise=args.noise, height=h, width=w, steps=args.steps,
-                sampler=v["sampler"], karras=v["karras"], guidance=args.guidance,
-                checkpoint=origin.get("checkpoint", str(args.checkpoint)),
-                refiner=origin.get("refiner", args.refiner),
-                handoff=args.handoff if args.refiner else None,
-                init_image=args.init_image, strength=args.strength if args.init_image else None,
-            )  # fmt: skip
-            name = f"{i:05d}.png"
-            Image.fromarray(img).save(out / name, pnginfo=png_info(params))
-            records.append({**params, "file": name})
-            images.append(img)
-        bar.update(len(idx))
-    bar.close()
-    if not args.no_grid and images:
-        Image.fromarray(contact_sheet(images)).save(out / "grid.png")
-    # The first batch includes compilation; later ones are the steady state.
-    steady = batch_s[1:] or batch_s
-    manifest = dict(
-        images=records,
+    gen = Generator(
+        job.models, dtype=args.dtype, batch_size=args.batch_size, vae_tile=args.vae_tile,
+        progress=True,
+    )  # fmt: skip
+    folder = ImageFolder(args.out, grid=not args.no_grid)
+    # The library's settings of each image, plus where noise, images and weights came from.
+    paths = dict(
+        noise=args.noise, init_image=args.init_image,
+        checkpoint=origin.get("checkpoint", str(args.checkpoint)),
+        refiner=origin.get("refiner", args.refiner),
+    )  # fmt: skip
+    batch_s = []
+    for batch in gen.batches(job.request):
+        for img, rec in zip(batch.images, batch.records, strict=True):
+            folder.write(img, {k: paths[k] if k in paths else rec[k] for k in RECORD_KEYS})
+        batch_s.append(batch.seconds)
+    steady = batch_s[1:] or batch_s  # the first batch includes compilation
+    return folder.finish(
         settings={k: val for k, val in vars(args).items()},
-        devices=[str(d) for d in mesh.devices.flat],
-        dtype=str(jnp.dtype(dtype)),
+        devices=[str(d) for d in gen.mesh.devices.flat],
+        dtype=str(jnp.dtype(gen.dtype)),
         timings=dict(
-            load_s=round(load_s, 3),
+            load_s=round(gen.load_s, 3),
             first_batch_s=round(batch_s[0], 3),
             steady_batch_s=round(float(np.mean(steady)), 3),
-            seconds_per_image=round(float(np.mean(steady)) / batch, 4),
+            seconds_per_image=round(float(np.mean(steady)) / gen.batch_size, 4),
             total_s=round(time.perf_counter() - t_start, 3),
         ),
     )
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,15 +6,15 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from sdxl_jax import conditioning
-from sdxl_jax.diffusion import pipeline
+from sdxl_jax.inference import checkpoints, runtime
 
 PROMPTS = ["a red circle in the top left", "two cats! on a sofa, photo"]
 TOL = 1e-5
 
 
 def runner(path):
-    return pipeline.StageRunner(
-        pipeline.load_stage(pipeline.check_stage(path)), pipeline.make_mesh()
+    return runtime.StageRunner(
+        runtime.load_stage(checkpoints.check_stage(path)), runtime.make_mesh()
     )
 
 
@@ -75,7 +75,7 @@ def test_tokenizers_pad_differently_and_truncate_at_77(tiny_sdxl):
     import open_clip
 
     base, _ = tiny_sdxl
-    stage = pipeline.load_stage(pipeline.check_stage(base))
+    stage = runtime.load_stage(checkpoints.check_stage(base))
     long_prompt = " ".join(["cat"] * 100)
     with pytest.warns(UserWarning, match="1 prompt\\(s\\) are longer than 77 tokens"):
         ids = stage.text.tokenize(["a photo of a cat", long_prompt])

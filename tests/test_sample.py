@@ -246,8 +246,9 @@ def test_full_size_arguments_are_checked_from_configs_alone(sdxl_configs_only, t
         ))  # fmt: skip
 
     v = check()  # no weights were needed to get this far
-    assert (v["height"], v["width"], v["sampler"]) == (1024, 1024, "euler")
-    assert v["plans"]["base"].t[0] == 981 and v["plans"]["base"].steps == 50  # diffusers' default
+    r = v.request
+    assert (r.height, r.width, r.sampler) == (1024, 1024, "euler")
+    assert r.base_steps.t[0] == 981 and r.base_steps.steps == 50  # diffusers' default
     with pytest.warns(UserWarning, match="1000x1000 is not one of SDXL's training sizes"):
         check("--height", 1000, "--width", 1000)
     with pytest.raises(sample.UsageError, match="--width 1020 is not a positive multiple of 8"):

@@ -57,8 +57,9 @@ def build_cache(
     from sdxl_jax.data import buckets as buckets_lib
     from sdxl_jax.data import images
     from sdxl_jax.data import pipeline as data_pipeline
-    from sdxl_jax.diffusion import pipeline as pl
+    from sdxl_jax.inference import checkpoints, runtime
     from sdxl_jax.models import vae as vae_lib
+    from sdxl_jax.weights import formats
 
     data, out = (data if is_remote(data) else Path(data)), Path(out)  # data may be gs://
     index = data_pipeline.load_index(data)
@@ -76,16 +77,16 @@ def build_cache(
     if len(source) != len(record_bucket):
         raise ValueError(f"{data}: {len(source)} records but the side index has {len(heights)}")
 
-    mesh = pl.make_mesh(jax.local_devices())  # this process's devices (one host builds it)
-    n_dev = mesh.devices.size
-    batch = pl.padded(batch_size, n_dev)
+    mesh = runtime.make_mesh(jax.local_devices())  # this process's devices (one host builds it)
+    n_dev = runtime.batch_devices(mesh)
+    batch = runtime.padded(batch_size, n_dev)
     text, text_graph, text_state = load_text_encoders(checkpoint)
     vae_path = vae or checkpoint
-    pl.check_vae(vae_path)
-    vae = pl.formats.load(vae_path, ["vae"])["vae"]
-    text_state = pl.replicate(text_state, mesh)
+    checkpoints.check_vae(vae_path)
+    vae = formats.load(vae_path, ["vae"])["vae"]
+    text_state = runtime.replicate(text_state, mesh)
     vae_graph, vae_state = nnx.split(vae)
-    vae_state = pl.replicate(vae_state, mesh)
+    vae_state = runtime.replicate(vae_state, mesh)
     store = np.dtype(dtype)
 
     @jax.jit
@@ -139,8 +140,8 @@ def build_cache(
                 pixels.append(buckets_lib.apply_crop(img, crop))
                 cap = rec["caption"]
                 captions.append(cap.decode() if isinstance(cap, bytes) else str(cap))
-            px = pl.shard_batch(np.stack(pixels).astype(np.float32) / 127.5 - 1.0, mesh)
-            ids = pl.shard_batch(text.tokenize(captions), mesh)
+            px = runtime.shard_batch(np.stack(pixels).astype(np.float32) / 127.5 - 1.0, mesh)
+            ids = runtime.shard_batch(text.tokenize(captions), mesh)
             outs = [
                 np.asarray(a)[: len(ids_)].astype(store)
                 for a in encode(vae_state, text_state, px, ids)

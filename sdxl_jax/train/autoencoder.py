@@ -146,7 +146,7 @@ class AutoencoderTask:
         self.vae_config = vae_preset(config.model.preset)
         self.init_kind, self.init_path = _init_source(config.init_from)
         if self.init_kind in ("diffusers", "file"):  # fine-tuning: the checkpoint's architecture
-            from sdxl_jax.diffusion.pipeline import check_vae
+            from sdxl_jax.inference.checkpoints import check_vae
 
             found, arch = check_vae(self.init_path), lambda c: [getattr(c, f) for f in ARCH_FIELDS]
             if arch(found) != arch(self.vae_config):

@@ -11,7 +11,7 @@
    inputs, see :mod:`sdxl_jax.train.warm_start`); the paper trains its refiner apart;
 
 then samples every caption of the synthetic dataset with the base + refiner exports through
-``python -m sdxl_jax.sample`` and prints the exact caption-match scores
+``sdxl_jax.inference.generate`` and prints the exact caption-match scores
 (:mod:`sdxl_jax.data.synthetic`) next to chance. The frozen text encoders are tiny random CLIPs
 with a tokenizer for the synthetic vocabulary (``<workdir>/frozen``). Rerunning the command
 resumes: finished stages are skipped, an interrupted one continues from its last checkpoint.
@@ -24,8 +24,6 @@ import json
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from sdxl_jax.train.diffusion_task import TINY_FROZEN
 
@@ -77,37 +75,33 @@ def stage_configs(steps: dict[str, int] | None = None) -> list[Any]:
 
 
 def evaluate(workdir: Path, *, base: Path, refiner: Path | None) -> dict[str, Any]:
-    """Sample every synthetic caption with ``python -m sdxl_jax.sample`` and score it."""
-    from PIL import Image
-
-    from sdxl_jax import sample
+    """Sample every synthetic caption with base (+ refiner), write the images, score them."""
     from sdxl_jax.data import synthetic
+    from sdxl_jax.inference import generate
+    from sdxl_jax.inference.outputs import ImageFolder
 
     out = workdir / "eval"
     captions = synthetic.all_captions() if hasattr(synthetic, "all_captions") else _captions()
-    prompts = out / "prompts.txt"
     out.mkdir(parents=True, exist_ok=True)
-    prompts.write_text("\n".join(captions) + "\n")
-    argv = [
-        "--checkpoint", str(base), "--prompts-file", str(prompts),
-        "--num-images", str(EVAL["images_per_caption"]), "--steps", str(EVAL["steps"]),
-        "--guidance", str(EVAL["guidance"]), "--sampler", "ddim",
-        "--height", str(EVAL["size"]), "--width", str(EVAL["size"]),
-        "--seed", str(EVAL["seed"]), "--batch-size", "48", "--out", str(out / "images"),
-    ]  # fmt: skip
-    if refiner is not None:
-        argv += ["--refiner", str(refiner)]
+    (out / "prompts.txt").write_text("\n".join(captions) + "\n")
     t0 = time.perf_counter()
-    if sample.main(argv) != 0:
-        raise RuntimeError("sampling for the evaluation failed (see above)")
-    manifest = json.loads((out / "images" / "manifest.json").read_text())
-    images = [np.asarray(Image.open(out / "images" / r["file"])) for r in manifest["images"]]
-    texts = [r["prompt"] for r in manifest["images"]]
-    scores = synthetic.accuracy(images, texts)
+    models = generate.check_models(base, refiner=refiner)
+    request = generate.make_request(
+        models, captions, num_images=EVAL["images_per_caption"], steps=EVAL["steps"],
+        guidance=EVAL["guidance"], sampler="ddim", height=EVAL["size"], width=EVAL["size"],
+        seed=EVAL["seed"],
+    )  # fmt: skip
+    result = generate.Generator(models, batch_size=48, progress=True)(request)  # fp32 on CPU
+    folder = ImageFolder(out / "images")
+    for img, record in zip(result.images, result.records, strict=True):
+        folder.write(img, record)
+    gen_settings = dict(checkpoint=str(base), refiner=str(refiner) if refiner else None, **EVAL)
+    folder.finish(settings=gen_settings, timings=result.timings)
+    scores = synthetic.accuracy(list(result.images), [r["prompt"] for r in result.records])
     result = {
         "scores": scores,
         "chance": synthetic.chance_levels(),
-        "images": len(images),
+        "images": len(result.images),
         "settings": EVAL,
         "refiner": refiner is not None,
         "seconds": round(time.perf_counter() - t0, 1),

@@ -37,9 +37,9 @@ from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import conditioning, distributed, sharding
 from sdxl_jax import workdir as workdir_lib
 from sdxl_jax.diffusion import denoiser as denoiser_lib
-from sdxl_jax.diffusion import pipeline as sample_pipeline
 from sdxl_jax.diffusion import samplers
 from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, sampler_steps
+from sdxl_jax.inference import checkpoints, runtime
 from sdxl_jax.models import vae as vae_lib
 from sdxl_jax.models.unet import UNet2DConditionModel, UNetConfig
 from sdxl_jax.train import config as config_lib
@@ -99,7 +99,7 @@ def frozen_sources(config: Any, workdir: Path) -> tuple[Path, Path]:
                 f"autoencoder stage, finish it first: python -m sdxl_jax.train --config "
                 f"experiments/autoencoder.py[:tiny] --workdir {workdir}"
             )
-    sample_pipeline.check_vae(vae)
+    checkpoints.check_vae(vae)
     return ckpt, vae
 
 
@@ -121,7 +121,7 @@ class DiffusionTask:
         if config.init_from and stage_export(config.init_from, self.workdir) is None:
             self.init_checkpoint = resolve(config.init_from, self.workdir)
         if self.init_checkpoint is not None:
-            ucfg = sample_pipeline.check_stage(self.init_checkpoint, need_vae=False).configs["unet"]
+            ucfg = checkpoints.check_stage(self.init_checkpoint, need_vae=False).configs["unet"]
         else:
             ucfg = config_lib.unet_config(config.model.preset)
         self.unet_config = dataclasses.replace(ucfg, remat=bool(config.model.remat))
@@ -310,7 +310,7 @@ class DiffusionTask:
             )
         else:
             tids = np.broadcast_to(conditioning.base_time_ids(orig, crop, size), (n, 6))
-        noise = sample_pipeline.initial_noise(seed, range(n), (h // f, w // f, 4))
+        noise = runtime.initial_noise(seed, range(n), (h // f, w // f, 4))
         return np.asarray(
             self._preview_fn(
                 params, self._text_state, self._vae_state, ids, jnp.asarray(tids, jnp.float32),

@@ -566,9 +566,7 @@ def test_guided_denoiser_in_a_sampler():
         return sigma * (y - m[:, None, None, None]) / (s * s + sigma * sigma)
 
     m_u, m_c = jnp.zeros(4), jnp.full(4, 0.2)
-    p = sampler_steps(
-        SCHEDULE, "euler", 30
-    )  # integer timesteps: sigma(t) is the steps'
+    p = sampler_steps(SCHEDULE, "euler", 30)  # integer timesteps: sigma(t) is the steps'
     x = p.init_scale * jax.random.normal(jax.random.key(3), (4, 64, 64, 1))
     out = samplers.run_steps(dn.denoiser(dn.guided(model, m_c, m_u, w)), x, p)
     a, b, _ = reference_moments(p, 0.2 * w, s)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import autoencoder, base_256, base_512, base_1024, finetune, refiner
-from sdxl_jax.diffusion import pipeline
+from sdxl_jax.inference import checkpoints
 from sdxl_jax.train import loop
 from tests.data.fixtures import prepared_dataset
 
@@ -55,7 +55,7 @@ def test_tiny_variants_of_every_stage_run_in_curriculum_order(tmp_path):
         assert [r["step"] for r in rows] == [1, 2]
         assert all(np.isfinite(r["train/loss"]) for r in rows), c.stage
         if c.kind == "diffusion":
-            info = pipeline.check_stage(result.export)  # a complete, loadable pipeline folder
+            info = checkpoints.check_stage(result.export)  # a complete, loadable pipeline folder
             assert info.role == ("refiner" if c.stage == "refiner" else "base")
     # Rerunning a finished stage does nothing.
     c = base_256.get_config("tiny")

@@ -5,13 +5,13 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from sdxl_jax.diffusion import pipeline
+from sdxl_jax.inference import checkpoints, runtime
 
 
 def test_vae_decode_matches_diffusers_and_tiles_blend(tiny_sdxl):
     base, _ = tiny_sdxl
-    mesh = pipeline.make_mesh()
-    vae = pipeline.load_vae(base, mesh)
+    mesh = runtime.make_mesh()
+    vae = runtime.load_vae(base, mesh)
     latents = np.random.default_rng(0).standard_normal((8, 12, 20, 4)).astype(np.float32)
     ref = AutoencoderKL.from_pretrained(base / "vae").eval()
     with torch.no_grad():
@@ -35,8 +35,8 @@ def test_vae_decode_matches_diffusers_and_tiles_blend(tiny_sdxl):
 
 def test_check_stage_reads_roles_and_flags(tiny_sdxl):
     base, refiner = tiny_sdxl
-    b = pipeline.check_stage(base)
-    r = pipeline.check_stage(refiner, need_vae=False)
+    b = checkpoints.check_stage(base)
+    r = checkpoints.check_stage(refiner, need_vae=False)
     assert (b.role, b.force_zeros_for_empty_prompt) == ("base", True)
     assert (r.role, r.force_zeros_for_empty_prompt) == ("refiner", False)
     assert "text_encoder" not in r.components
@@ -44,10 +44,10 @@ def test_check_stage_reads_roles_and_flags(tiny_sdxl):
 
 
 def test_single_file_needs_tokenizers(tiny_sdxl, tmp_path):
-    info = pipeline.check_stage(tiny_sdxl[0])
-    single = pipeline.StageInfo(
+    info = checkpoints.check_stage(tiny_sdxl[0])
+    single = checkpoints.StageInfo(
         tmp_path / "x.safetensors", "single-file", "base", info.components, info.configs,
         True, info.schedule,
     )  # fmt: skip
     with pytest.raises(ValueError, match="pass --tokenizers DIR"):
-        pipeline.load_stage(single)
+        runtime.load_stage(single)

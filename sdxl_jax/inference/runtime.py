@@ -1,18 +1,18 @@
-"""SDXL text-to-image and image-to-image: checkpoints in, latents and images out.
+"""The sampling runtime: loaded stages compiled on a mesh, and the fp32 VAE.
 
-A :class:`Stage` is one denoising model with its text encoders (the base, or the refiner);
-:func:`check_stage` reads only configs, so bad checkpoints fail before any weight is read or
-anything compiles. Each stage compiles two programs: text encoding, and the whole denoising
-loop (guidance inside, ``lax.fori_loop`` over the plan). Prompts are sharded over all devices
-along the batch; weights are replicated.
+A :class:`StageModels` is one denoising model with its text encoders (the base, or the
+refiner), loaded from a checkpoint checked by :mod:`sdxl_jax.inference.checkpoints`. A
+:class:`StageRunner` compiles two programs per stage: text encoding, and the whole denoising
+loop (guidance inside, ``lax.fori_loop`` over the sampler's steps). Prompts are sharded over
+the mesh's batch axes; weights are replicated. :func:`denoise_latents` and
+:func:`decode_uint8` are the pure functions inside, which training previews also call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,100 +23,57 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sdxl_jax import conditioning
+from sdxl_jax import conditioning, sharding
 from sdxl_jax.diffusion import samplers
 from sdxl_jax.diffusion.denoiser import conditional, denoiser, guided
-from sdxl_jax.diffusion.schedule import NoiseSchedule, SamplerSteps
+from sdxl_jax.diffusion.schedule import SamplerSteps
+from sdxl_jax.inference.checkpoints import StageInfo
 from sdxl_jax.models import vae as vae_lib
-from sdxl_jax.weights import diffusers_io, formats, single_file
-from sdxl_jax.weights.safetensors_io import TensorSource
-
-# diffusers' SDXL defaults: refiner aesthetic scores for the conditional and negative branch.
-AESTHETIC_SCORE = 6.0
-NEGATIVE_AESTHETIC_SCORE = 2.5
+from sdxl_jax.weights import formats
 
 
-@dataclasses.dataclass(frozen=True)
-class StageInfo:
-    """What a checkpoint holds, from its configs alone."""
+def denoise_latents(
+    unet: Callable[[], Any],
+    x: jax.Array,
+    arrays: dict[str, jax.Array],
+    pos: tuple[jax.Array, jax.Array, jax.Array],
+    neg: tuple[jax.Array, jax.Array, jax.Array] | None,
+    scale: jax.Array,
+    key: jax.Array | None,
+    *,
+    sampler: str,
+    prediction: str,
+) -> jax.Array:
+    """Run a sampler over the steps ``arrays`` (``SamplerSteps.arrays()``) from state ``x``.
 
-    path: Path
-    fmt: str  # "diffusers" | "single-file"
-    role: str  # "base" | "refiner"
-    components: tuple[str, ...]
-    configs: dict[str, Any]
-    force_zeros_for_empty_prompt: bool
-    schedule: NoiseSchedule
+    ``unet()`` builds the UNet module; it is called inside the loop body (NNX modules must not
+    cross trace levels). ``pos`` / ``neg``: (context, pooled, time_ids) of the conditional and
+    unconditional branch; ``neg=None`` runs without classifier-free guidance.
+    """
 
+    def model(x, t, c):
+        net = unet()
+        ctx, pooled, ids = c
+        tt = jnp.broadcast_to(t, (x.shape[0],))
+        return net(x.astype(net.dtype), tt, ctx, pooled, ids)
 
-def role_of(configs: dict[str, Any]) -> str:
-    """base (6 micro-conditioning numbers) or refiner (5), from the UNet's vector width."""
-    unet, g = configs["unet"], configs.get("text_encoder_2")
-    if g is None or g.projection_dim is None:
-        raise ValueError("text_encoder_2 must be a CLIPTextModelWithProjection (pooled output)")
-    n = (unet.projection_class_embeddings_input_dim - g.projection_dim) / max(
-        unet.addition_time_embed_dim, 1
-    )
-    if n == 6:
-        return "base"
-    if n == 5:
-        return "refiner"
-    raise ValueError(
-        f"UNet vector conditioning is {unet.projection_class_embeddings_input_dim} wide: "
-        f"neither SDXL base (pooled + 6 x {unet.addition_time_embed_dim}) nor refiner (+ 5 x)"
-    )
+    m = conditional(model, pos) if neg is None else guided(model, pos, neg, scale)
+    return samplers.sample(sampler, denoiser(m, prediction), x, arrays, key)
 
 
-def check_stage(path: str | Path, *, need_vae: bool = True) -> StageInfo:
-    """Read a checkpoint's configs and check it has every part sampling needs."""
-    path = Path(path)
-    fmt = formats.detect(path)
-    if fmt == "single-file":
-        source = TensorSource.open(path)
-        layout = single_file.detect_layout(source.keys(), source)
-        components = tuple(layout.prefixes)
-        configs = {c: layout.config(c) for c in components}
-        role = layout.kind
-        force_zeros = role == "base"
-        schedule = NoiseSchedule()
-    else:
-        components = tuple(
-            c for c in ("unet", "vae", "text_encoder", "text_encoder_2") if (path / c).is_dir()
-        )
-        configs = {c: diffusers_io.read_config(path, c) for c in components}
-        index = path / "model_index.json"
-        meta = json.loads(index.read_text()) if index.exists() else {}
-        role = None
-        schedule = NoiseSchedule.from_checkpoint(path)
-    for part in ("unet", "text_encoder_2"):
-        if part not in components:
-            raise ValueError(f"{path} has no {part}: sampling needs a UNet and both text encoders")
-    role = role or role_of(configs)
-    if fmt != "single-file":
-        force_zeros = bool(meta.get("force_zeros_for_empty_prompt", role == "base"))
-    if role == "base" and "text_encoder" not in components:
-        raise ValueError(f"{path} is an SDXL base without text_encoder/ (CLIP-L)")
-    if need_vae and "vae" not in components:
-        raise ValueError(f"{path} has no VAE: pass a checkpoint with vae/ (or --vae PATH)")
-    return StageInfo(path, fmt, role, components, configs, force_zeros, schedule)
+def decode_uint8(vae: vae_lib.AutoencoderKL, latents: jax.Array) -> jax.Array:
+    """Diffusion-scale latents [B, h, w, 4] -> uint8 images [B, H, W, 3] (fp32 decode)."""
+    z = vae_lib.from_diffusion_latents(latents.astype(jnp.float32), vae.config)
+    return to_uint8(vae.decode(z))
 
 
-def check_vae(path: str | Path) -> Any:
-    """The VAE config of a checkpoint (a diffusers folder with vae/, or a single file)."""
-    path = Path(path)
-    if formats.detect(path) == "single-file":
-        source = TensorSource.open(path)
-        layout = single_file.detect_layout(source.keys(), source)
-        if "vae" not in layout.prefixes:
-            raise ValueError(f"{path} holds no VAE (no first_stage_model.* keys)")
-        return layout.config("vae")
-    if not (path / "vae").is_dir():
-        raise ValueError(f"{path} has no vae/ folder")
-    return diffusers_io.read_config(path, "vae")
+def to_uint8(images: jax.Array) -> jax.Array:
+    """[-1, 1] floats -> uint8, rounded as diffusers' ``VaeImageProcessor`` does."""
+    return jnp.round(jnp.clip(images / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
 
 
 @dataclasses.dataclass
-class Stage:
+class StageModels:
     """One denoising model and its conditioning, split for jit (graph static, state traced)."""
 
     info: StageInfo
@@ -137,7 +94,7 @@ def load_stage(
     dtype: Any = jnp.float32,
     tokenizers: str | Path | None = None,
     progress: bool = False,
-) -> Stage:
+) -> StageModels:
     """Load the UNet and text encoders of a checked checkpoint (weights in ``dtype``)."""
     tok_root = Path(tokenizers) if tokenizers else info.path
     if info.fmt == "single-file" and tokenizers is None:
@@ -156,7 +113,7 @@ def load_stage(
     )
     unet_graph, unet_state = nnx.split(models["unet"])
     text_graph, text_state = nnx.split((clip_l, models["text_encoder_2"]))
-    return Stage(info, unet_graph, unet_state, text_graph, text_state, text)
+    return StageModels(info, unet_graph, unet_state, text_graph, text_state, text)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -164,12 +121,18 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
-    return jax.device_put(tree, NamedSharding(mesh, P("batch")))
+    """Arrays with a leading batch axis, split over the mesh's batch axes."""
+    return jax.device_put(tree, NamedSharding(mesh, P(sharding.BATCH_AXES)))
 
 
 def make_mesh(devices: Sequence[Any] | None = None) -> Mesh:
-    """A 1-D mesh over all devices: prompts are split over it."""
-    return Mesh(np.array(devices or jax.devices()), ("batch",))
+    """A data-parallel mesh over ``devices`` (default: all): prompts are split over it."""
+    return sharding.make_mesh({"data": -1}, devices=devices)
+
+
+def batch_devices(mesh: Mesh) -> int:
+    """How many ways a batch is split on ``mesh`` (its batch axes)."""
+    return math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
 
 
 @dataclasses.dataclass
@@ -187,7 +150,7 @@ class Conditioning:
 class StageRunner:
     """Compiled text encoding and denoising for one stage on a mesh."""
 
-    def __init__(self, stage: Stage, mesh: Mesh):
+    def __init__(self, stage: StageModels, mesh: Mesh):
         self.stage = stage
         self.mesh = mesh
         self.unet_state = replicate(stage.unet_state, mesh)
@@ -200,17 +163,12 @@ class StageRunner:
             return conditioning.encode_text(clip_l, clip_g, ids)
 
         def denoise(unet_state, x, arrays, cond, scale, key, *, sampler, use_cfg):
-            def model(x, t, c):
-                # Merged inside the loop body: NNX modules must not cross trace levels.
-                unet = nnx.merge(unet_graph, unet_state)
-                ctx, pooled, ids = c
-                tt = jnp.broadcast_to(t, (x.shape[0],))
-                return unet(x.astype(unet.dtype), tt, ctx, pooled, ids)
-
             pos = (cond.context, cond.pooled, cond.time_ids)
-            neg = (cond.neg_context, cond.neg_pooled, cond.neg_time_ids)
-            m = guided(model, pos, neg, scale) if use_cfg else conditional(model, pos)
-            return samplers.sample(sampler, denoiser(m, prediction), x, arrays, key)
+            neg = (cond.neg_context, cond.neg_pooled, cond.neg_time_ids) if use_cfg else None
+            unet = lambda: nnx.merge(unet_graph, unet_state)  # noqa: E731
+            return denoise_latents(
+                unet, x, arrays, pos, neg, scale, key, sampler=sampler, prediction=prediction
+            )
 
         self._encode = jax.jit(encode)
         self._denoise = jax.jit(denoise, static_argnames=("sampler", "use_cfg"))
@@ -226,17 +184,27 @@ class StageRunner:
         height: int,
         width: int,
         use_cfg: bool,
+        *,
+        original_size: tuple[int, int] | None = None,
+        crop: tuple[int, int] = (0, 0),
     ) -> Conditioning:
-        """Text and micro-conditioning for a batch (diffusers' SDXL rules for negatives)."""
+        """Text and micro-conditioning for a batch (diffusers' SDXL rules for negatives).
+
+        ``original_size`` (default: the target size) and ``crop`` (top, left) are the size and
+        crop conditioning of both branches, as diffusers' ``original_size`` /
+        ``crops_coords_top_left`` (negative_* equal to them)."""
         n = len(prompts)
         ctx, pooled = self.encode(prompts)
+        orig = original_size or (height, width)
         if self.stage.role == "base":
-            ids = conditioning.base_time_ids((height, width), (0, 0), (height, width))
+            ids = conditioning.base_time_ids(orig, crop, (height, width))
             pos_ids = neg_ids = np.broadcast_to(ids, (n, 6))
         else:
-            size = np.broadcast_to(np.float32([height, width]), (n, 2))
-            pos_ids = conditioning.refiner_time_ids(size, (0, 0), AESTHETIC_SCORE)
-            neg_ids = conditioning.refiner_time_ids(size, (0, 0), NEGATIVE_AESTHETIC_SCORE)
+            size = np.broadcast_to(np.float32(orig), (n, 2))
+            pos_ids = conditioning.refiner_time_ids(size, crop, conditioning.AESTHETIC_SCORE)
+            neg_ids = conditioning.refiner_time_ids(
+                size, crop, conditioning.NEGATIVE_AESTHETIC_SCORE
+            )
         if not use_cfg:
             neg_ctx, neg_pooled = ctx, pooled  # unused by the compiled loop
         elif negative is None and self.stage.info.force_zeros_for_empty_prompt:
@@ -255,14 +223,14 @@ class StageRunner:
     def denoise(
         self,
         x: jax.Array,
-        plan: SamplerSteps,
+        steps: SamplerSteps,
         cond: Conditioning,
         guidance: float,
         key: jax.Array,
     ) -> jax.Array:
-        """Run ``plan`` from state ``x`` [B, h, w, 4] (the sampler's own convention)."""
+        """Run ``steps`` from state ``x`` [B, h, w, 4] (the sampler's own convention)."""
         use_cfg = guidance > 1.0
-        arrays = {k: jnp.asarray(v) for k, v in plan.arrays().items()}
+        arrays = {k: jnp.asarray(v) for k, v in steps.arrays().items()}
         return self._denoise(
             self.unet_state,
             shard_batch(x, self.mesh),
@@ -270,7 +238,7 @@ class StageRunner:
             cond,
             jnp.float32(guidance),
             key,
-            sampler=plan.sampler,
+            sampler=steps.sampler,
             use_cfg=use_cfg,
         )
 
@@ -294,10 +262,7 @@ class VAERunner:
         config = vae.config
 
         def decode(state, latents):
-            model = nnx.merge(graph, state)
-            z = vae_lib.from_diffusion_latents(latents.astype(jnp.float32), config)
-            img = model.decode(z)
-            return jnp.round(jnp.clip(img / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
+            return decode_uint8(nnx.merge(graph, state), latents)
 
         def decode_float(state, latents):
             model = nnx.merge(graph, state)
