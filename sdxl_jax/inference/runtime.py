@@ -190,9 +190,9 @@ class StageRunner:
     ) -> Conditioning:
         """Text and micro-conditioning for a batch (diffusers' SDXL rules for negatives).
 
-        ``original_size`` (default: the target size) and ``crop`` (top, left) are the size and
-        crop conditioning of both branches, as diffusers' ``original_size`` /
-        ``crops_coords_top_left`` (negative_* equal to them)."""
+        ``original_size`` (default: the target size) and ``crop`` (top, left): diffusers'
+        ``original_size`` / ``crops_coords_top_left`` with its defaults for the negative branch
+        (the base repeats them; the refiner's negative crop stays (0, 0))."""
         n = len(prompts)
         ctx, pooled = self.encode(prompts)
         orig = original_size or (height, width)
@@ -203,7 +203,7 @@ class StageRunner:
             size = np.broadcast_to(np.float32(orig), (n, 2))
             pos_ids = conditioning.refiner_time_ids(size, crop, conditioning.AESTHETIC_SCORE)
             neg_ids = conditioning.refiner_time_ids(
-                size, crop, conditioning.NEGATIVE_AESTHETIC_SCORE
+                size, (0, 0), conditioning.NEGATIVE_AESTHETIC_SCORE
             )
         if not use_cfg:
             neg_ctx, neg_pooled = ctx, pooled  # unused by the compiled loop
