@@ -165,44 +165,25 @@ def reference(n: int, bucket_set: str, size: int) -> dict:
 
 
 def sample(args, conds: list[dict]) -> tuple[dict, dict]:
-    """{name: uint8 [N, H, W, 3]} for every condition, and timings."""
-    import jax.numpy as jnp
-
-    from sdxl_jax.conditioning import base_time_ids
-    from sdxl_jax.diffusion.schedule import sampler_steps
-    from sdxl_jax.inference import checkpoints, runtime
+    """{name: uint8 [N, H, W, 3]} for every condition (same captions and noise), and timings."""
+    from sdxl_jax.inference import generate
 
     t0 = time.perf_counter()
-    info = checkpoints.check_stage(args.checkpoint)
-    if info.role != "base":
+    models = generate.check_models(args.checkpoint)
+    if models.base.role != "base":
         raise ValueError(f"{args.checkpoint} is an SDXL refiner; pass a base export")
-    factor = info.configs["vae"].downscale
-    if args.size % factor:
-        raise ValueError(f"--size {args.size} is not a multiple of the VAE's {factor}")
-    mesh = runtime.make_mesh()
-    runner = runtime.StageRunner(runtime.load_stage(info, dtype=jnp.float32), mesh)
-    vae = runtime.load_vae(args.checkpoint, mesh)
+    n = len(CAPTIONS) * args.images_per_caption
+    gen = generate.Generator(models, dtype="fp32", batch_size=n)  # one batch per condition
     load_s = time.perf_counter() - t0
-
-    prompts = [c for c in CAPTIONS for _ in range(args.images_per_caption)]
-    n = len(prompts)
-    full = list(range(n)) + [n - 1] * (runtime.padded(n, mesh.devices.size) - n)
-    ctx, pooled = runner.encode([prompts[i] for i in full])
-    if info.force_zeros_for_empty_prompt:
-        neg_ctx, neg_pooled = jnp.zeros_like(ctx), jnp.zeros_like(pooled)
-    else:
-        neg_ctx, neg_pooled = runner.encode([""] * len(full))
-    latent = (args.size // factor, args.size // factor, info.configs["unet"].in_channels)
-    p = sampler_steps(info.schedule, "ddim", args.steps)
-    x = runtime.initial_noise(args.seed, full, latent) * p.init_scale  # the same per condition
-    keys = runtime.image_keys(args.seed, 1, full)
     out, cond_s = {}, []
     for c in conds:
         t = time.perf_counter()
-        ids = base_time_ids(c["original"], c["crop"], (args.size, args.size))
-        ids = runtime.shard_batch(np.ascontiguousarray(np.broadcast_to(ids, (len(full), 6))), mesh)
-        cond = runtime.Conditioning(ctx, pooled, ids, neg_ctx, neg_pooled, ids)
-        out[c["name"]] = vae.decode(runner.denoise(x, p, cond, args.guidance, keys))[:n]
+        request = generate.make_request(
+            models, CAPTIONS, num_images=args.images_per_caption, steps=args.steps,
+            guidance=args.guidance, sampler="ddim", height=args.size, width=args.size,
+            seed=args.seed, original_size=c["original"], crop=c["crop"],
+        )  # fmt: skip
+        out[c["name"]] = gen(request).images
         cond_s.append(time.perf_counter() - t)
         print(f"  sampled {c['name']}: {n} images in {cond_s[-1]:.1f} s", file=sys.stderr)
     return out, dict(load_s=load_s, first_condition_s=cond_s[0], per_condition_s=cond_s[1:])
