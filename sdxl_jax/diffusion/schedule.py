@@ -231,9 +231,31 @@ def sampler_steps(
     if karras and sampler not in KARRAS_SAMPLERS:
         raise ValueError(f"Karras sigmas are available for {KARRAS_SAMPLERS}, not {sampler}")
     spacing = spacing or schedule.timestep_spacing
+    t, sigma, sigma_next = _full_steps(schedule, sampler, steps, spacing, karras)
+    if sampler in VP_SAMPLERS:
+        init_scale = 1.0
+    elif spacing in ("linspace", "trailing"):
+        init_scale = float(sigma.max())
+    else:
+        init_scale = float(np.sqrt(sigma.max() ** 2 + 1))
+    n = len(t)
+    start, stop = _window(
+        t, steps, schedule.num_train_timesteps, strength, denoising_start, denoising_end
+    )
+    # DPM-Solver++(2M) restarts at first order and ends at first order onto sigma = 0.
+    order = np.full(n, 2)
+    order[start] = 1
+    order[n - 1] = 1
+    sl = slice(start, stop)
+    return SamplerSteps(sampler, t[sl], sigma[sl], sigma_next[sl], order[sl], init_scale)
+
+
+def _full_steps(
+    schedule: NoiseSchedule, sampler: str, steps: int, spacing: str, karras: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(t, sigma, sigma_next) [steps] of a whole run, before any img2img or hand-off window."""
     n_train = schedule.num_train_timesteps
     all_sigmas = schedule.sigmas
-
     if sampler == "ddim":
         t = schedule.timesteps(steps, spacing).round()
         if t.max() >= n_train:
@@ -245,29 +267,33 @@ def sampler_steps(
         sigma = all_sigmas[t.astype(int)]
         # DDIM steps to t - T // steps; below 0 to alpha_bar[0] (set_alpha_to_one=False).
         sigma_next = np.where(prev >= 0, all_sigmas[np.maximum(prev, 0).astype(int)], all_sigmas[0])
-    elif sampler == "dpmpp_2m":
+        return t, sigma, sigma_next
+    if sampler == "dpmpp_2m":
         if karras:
             sig = karras_sigmas(all_sigmas[-1], all_sigmas[0], steps)
             t = schedule.t_at(sig).round()
         else:
             t = schedule.timesteps(steps, spacing, plus_one=True).round()
             sig = schedule.sigma_at(t)
-        sigma, sigma_next = sig, np.append(sig[1:], 0.0)
-    else:
-        t = schedule.timesteps(steps, spacing)
-        sig = schedule.sigma_at(t)
-        if karras:
-            sig = karras_sigmas(sig[0], sig[-1], steps)
-            t = schedule.t_at(sig)
-        sigma, sigma_next = sig, np.append(sig[1:], 0.0)
+        return t, sig, np.append(sig[1:], 0.0)
+    t = schedule.timesteps(steps, spacing)
+    sig = schedule.sigma_at(t)
+    if karras:
+        sig = karras_sigmas(sig[0], sig[-1], steps)
+        t = schedule.t_at(sig)
+    return t, sig, np.append(sig[1:], 0.0)
 
-    if sampler in VP_SAMPLERS:
-        init_scale = 1.0
-    elif spacing in ("linspace", "trailing"):
-        init_scale = float(sigma.max())
-    else:
-        init_scale = float(np.sqrt(sigma.max() ** 2 + 1))
 
+def _window(
+    t: np.ndarray,
+    steps: int,
+    n_train: int,
+    strength: float | None,
+    denoising_start: float | None,
+    denoising_end: float | None,
+) -> tuple[int, int]:
+    """[start, stop) of the steps that run: img2img keeps the last ``steps * strength``; a
+    hand-off splits at t = T * (1 - fraction) as diffusers' SDXL pipelines do."""
     n = len(t)
     start, stop = 0, n
     if denoising_end is not None:
@@ -289,9 +315,4 @@ def sampler_steps(
             f"no steps left: {steps} steps with strength={strength}, "
             f"denoising_start={denoising_start}, denoising_end={denoising_end}; use more steps"
         )
-    # DPM-Solver++(2M) restarts at first order and ends at first order onto sigma = 0.
-    order = np.full(n, 2)
-    order[start] = 1
-    order[n - 1] = 1
-    sl = slice(start, stop)
-    return SamplerSteps(sampler, t[sl], sigma[sl], sigma_next[sl], order[sl], init_scale)
+    return start, stop
