@@ -49,7 +49,7 @@ def test_vocabulary_layout_is_clips_in_small(folder):
     tokens = sorted(vocab, key=vocab.get)
     assert list(vocab.values()) == list(range(len(vocab)))
     assert tokens[:512] == sorted(clip_vocab, key=clip_vocab.get)[:512]  # bytes, bytes + </w>
-    assert tokens[-2:] == [ref.BOS_TOKEN, ref.EOS_TOKEN]
+    assert tokens[-2:] == ["<|startoftext|>", "<|endoftext|>"]  # CLIP's special tokens
     merges = (folder / "tokenizer" / "merges.txt").read_text("utf-8").splitlines()
     assert merges[0].startswith("#version")
     assert tokens[512:-2] == ["".join(m.split()) for m in merges[1:]]

@@ -14,25 +14,19 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionXLImg2ImgPipeline,
-)
 from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
 from sdxl_jax.diffusion import denoiser as dn
 from sdxl_jax.diffusion import samplers
-from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, sampler_steps
+from sdxl_jax.diffusion.schedule import NoiseSchedule, sampler_steps
+from tests.cases import case
+from tests.diffusion.schedulers import img2img_window, make_scheduler
 
 SCHEDULE = NoiseSchedule()
 # SDXL's sigma table in float64, from the closed form (scaled_linear betas), not from the code.
@@ -156,6 +150,19 @@ SAMPLE_CONFIGS = [
     ("dpmpp_2m", True, 50),
 ]
 SAMPLE_IDS = [f"{a}{'-karras' if k else ''}-{n}" for a, k, n in SAMPLE_CONFIGS]
+# The deterministic (sampler, karras) combinations; each is one test case below, the spacings,
+# step counts and windows loops inside it.
+DETERMINISTIC = [(a, k) for a, k, _ in SAMPLE_CONFIGS if a != "euler_a"]
+DETERMINISTIC_IDS = [f"{a}{'-karras' if k else ''}" for a, k in DETERMINISTIC]
+
+
+def spacings(sampler: str, karras: bool) -> tuple[str, ...]:
+    """The spacings that give distinct plans: DPM's Karras sigmas ignore the spacing."""
+    if sampler == "dpmpp_2m" and karras:
+        return ("leading",)
+    return ("leading", "trailing", "linspace")
+
+
 # Discretization error of the exact discrete samplers (reference_moments) against the continuum
 # (continuum_moments), computed in float64 for these plans: relative std error, and mean error in
 # units of s. It is dominated by the last step, sigma_last -> 0 (-> 0.029 for DDIM), a step of
@@ -170,12 +177,11 @@ DISC_STD_RTOL = {0.3: 0.12, 1.5: 0.035}
 DISC_MEAN_ATOL = 0.006  # in units of s
 
 
-@pytest.mark.parametrize(("mu", "s"), GAUSSIANS)
 @pytest.mark.parametrize(("sampler", "karras", "steps"), SAMPLE_CONFIGS, ids=SAMPLE_IDS)
-def test_gaussian_data_moments(sampler, karras, steps, mu, s):
-    """Sample 200k coordinates from pure noise; compare the empirical mean/std with the exact
-    discrete sampler's (tight: statistical error only) and with the exact continuous-time
-    dynamics (loose: plus the discretization error above).
+def test_gaussian_data_moments(sampler, karras, steps):
+    """Sample 200k coordinates from pure noise for each of GAUSSIANS; compare the empirical
+    mean/std with the exact discrete sampler's (tight: statistical error only) and with the
+    exact continuous-time dynamics (loose: plus the discretization error above).
 
     Statistical error: std/sqrt(N) for the mean, std/sqrt(2N) for the std: 0.22% / 0.16% of the
     std at N = 200k; we allow 5 sigma (1.1% / 0.8%); float32 rounding is ~1e-6. Checked by
@@ -187,7 +193,12 @@ def test_gaussian_data_moments(sampler, karras, steps, mu, s):
     p = sampler_steps(SCHEDULE, sampler, steps, karras=karras)
     x = p.init_scale * jax.random.normal(jax.random.key(0), (N_SAMPLES, 1, 1, 1), jnp.float32)
     key = jax.random.key(1) if sampler == "euler_a" else None
-    out = np.asarray(samplers.run_steps(gaussian_denoiser(mu, s), x, p, key), np.float64)
+    for mu, s in GAUSSIANS:
+        with case(mu=mu, s=s):
+            _check_moments(p, mu, s, run_gaussian(p, mu, s, x, key))
+
+
+def _check_moments(p, mu: float, s: float, out: np.ndarray) -> None:
     assert np.isfinite(out).all()
     mean, std = out.mean(), out.std()
 
@@ -227,26 +238,22 @@ def test_ddim_ends_at_alpha_bar_0():
     assert out[1] - out[0] > 1.6 * s
 
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize(
-    ("sampler", "karras"),
-    [("ddim", False), ("euler", False), ("euler", True), ("dpmpp_2m", False), ("dpmpp_2m", True)],
-)
-@pytest.mark.parametrize("steps", [1, 10, 37])
-def test_deterministic_samplers_exact_affine_map(sampler, karras, spacing, steps):
+@pytest.mark.parametrize(("sampler", "karras"), DETERMINISTIC, ids=DETERMINISTIC_IDS)
+def test_deterministic_samplers_exact_affine_map(sampler, karras):
     """Deterministic samplers on Gaussian data are affine maps of the start state, b + a * x:
     compared with the float64 recursion at float32 precision (no sampling noise), which also
     catches errors too small for the moment test, e.g. a missing final 1/sqrt(1 + sigma_min^2)
     in DDIM (4e-4 relative), and covers DDIM's off-grid steps (linspace / trailing)."""
-    if karras and sampler == "dpmpp_2m" and spacing != "leading":
-        pytest.skip("DPM's Karras sigmas ignore the spacing")
     mu, s = -0.7, 0.6
-    p = sampler_steps(SCHEDULE, sampler, steps, spacing=spacing, karras=karras)
-    x = np.array([-3.0, -1.0, 0.0, 0.5, 2.0], np.float32) * np.float32(p.init_scale)
-    out = run_gaussian(p, mu, s, jnp.asarray(x))
-    a, b, noise_var = reference_moments(p, mu, s)
-    assert noise_var == 0
-    np.testing.assert_allclose(out, b + a * x.astype(np.float64), rtol=2e-5, atol=2e-5)
+    for spacing in spacings(sampler, karras):
+        for steps in (1, 10, 37):
+            with case(spacing=spacing, steps=steps):
+                p = sampler_steps(SCHEDULE, sampler, steps, spacing=spacing, karras=karras)
+                x = np.array([-3.0, -1.0, 0.0, 0.5, 2.0], np.float32) * np.float32(p.init_scale)
+                out = run_gaussian(p, mu, s, jnp.asarray(x))
+                a, b, noise_var = reference_moments(p, mu, s)
+                assert noise_var == 0
+                np.testing.assert_allclose(out, b + a * x.astype(np.float64), rtol=2e-5, atol=2e-5)
 
 
 def _ode_error(p, mu, s) -> float:
@@ -260,21 +267,19 @@ def _ode_error(p, mu, s) -> float:
     return float(np.abs(out - exact).max())
 
 
-@pytest.mark.parametrize(
-    ("sampler", "karras"),
-    [("ddim", False), ("euler", False), ("euler", True), ("dpmpp_2m", False), ("dpmpp_2m", True)],
-)
-@pytest.mark.parametrize(("mu", "s"), [(0.5, 0.3), (-1.0, 1.5)])
-def test_deterministic_samplers_converge(sampler, karras, mu, s):
+@pytest.mark.parametrize(("sampler", "karras"), DETERMINISTIC, ids=DETERMINISTIC_IDS)
+def test_deterministic_samplers_converge(sampler, karras):
     """Error against the exact ODE map shrinks with the number of steps. Measured 10 -> 100
     steps: 6-9x for the first-order samplers (and for DPM++ on the leading grid, whose last
     step sigma(t=10) -> 0 is first order), 280x for DPM++ with Karras sigmas at s = 1.5."""
-    e10 = _ode_error(sampler_steps(SCHEDULE, sampler, 10, karras=karras), mu, s)
-    e100 = _ode_error(sampler_steps(SCHEDULE, sampler, 100, karras=karras), mu, s)
-    assert e100 < e10 / 4, (e10, e100)
-    if sampler == "dpmpp_2m" and karras and s == 1.5:
-        # Second order: first-order DPM++ on the same grid gains only ~10x.
-        assert e100 < e10 / 50, (e10, e100)
+    p10 = sampler_steps(SCHEDULE, sampler, 10, karras=karras)
+    p100 = sampler_steps(SCHEDULE, sampler, 100, karras=karras)
+    for mu, s in GAUSSIANS:
+        e10, e100 = _ode_error(p10, mu, s), _ode_error(p100, mu, s)
+        assert e100 < e10 / 4, (mu, s, e10, e100)
+        if sampler == "dpmpp_2m" and karras and s == 1.5:
+            # Second order: first-order DPM++ on the same grid gains only ~10x.
+            assert e100 < e10 / 50, (mu, s, e10, e100)
 
 
 def test_euler_ancestral_needs_a_key_and_uses_it():
@@ -327,22 +332,6 @@ def jax_eps_model(x_vp: jax.Array, t: jax.Array) -> jax.Array:
     return sigma * (y - MU) / (STD * STD + sigma * sigma)
 
 
-def make_scheduler(sampler: str, spacing: str = "leading", karras: bool = False):
-    kw = {"timestep_spacing": spacing}
-    if karras:
-        kw["use_karras_sigmas"] = True
-    cls = {
-        "ddim": DDIMScheduler,
-        "euler": EulerDiscreteScheduler,
-        "euler_a": EulerAncestralDiscreteScheduler,
-    }.get(sampler)
-    if cls is not None:
-        return cls.from_config(SDXL_SCHEDULER_CONFIG, **kw)
-    return DPMSolverMultistepScheduler.from_config(
-        SDXL_SCHEDULER_CONFIG, algorithm_type="dpmsolver++", solver_order=2, **kw
-    )
-
-
 def diffusers_loop(sched, x: torch.Tensor, timesteps) -> torch.Tensor:
     """diffusers' denoising loop (pipeline order: scale_model_input, model, step)."""
     for t in timesteps:
@@ -369,28 +358,18 @@ def assert_parity(got: np.ndarray, ref: torch.Tensor):
     np.testing.assert_allclose(got, ref, rtol=0, atol=PARITY_ATOL)
 
 
-PARITY_CONFIGS = [
-    ("ddim", False),
-    ("euler", False),
-    ("euler", True),
-    ("dpmpp_2m", False),
-    ("dpmpp_2m", True),
-]
-PARITY_IDS = [f"{s}{'-karras' if k else ''}" for s, k in PARITY_CONFIGS]
-
-
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize(("sampler", "karras"), PARITY_CONFIGS, ids=PARITY_IDS)
-@pytest.mark.parametrize("steps", [4, 25])
-def test_parity_with_diffusers(sampler, karras, spacing, steps):
-    if karras and sampler == "dpmpp_2m" and spacing != "leading":
-        pytest.skip("DPM's Karras sigmas ignore the spacing")
+@pytest.mark.parametrize(("sampler", "karras"), DETERMINISTIC, ids=DETERMINISTIC_IDS)
+def test_parity_with_diffusers(sampler, karras):
     x = start_noise()
-    sched = make_scheduler(sampler, spacing, karras)
-    sched.set_timesteps(steps)
-    ref = diffusers_loop(sched, torch.from_numpy(x) * sched.init_noise_sigma, sched.timesteps)
-    p = sampler_steps(SCHEDULE, sampler, steps, spacing=spacing, karras=karras)
-    assert_parity(ours(p, x * np.float32(p.init_scale)), ref)
+    for spacing in spacings(sampler, karras):
+        for steps in (4, 25):
+            with case(spacing=spacing, steps=steps):
+                sched = make_scheduler(sampler, spacing, karras)
+                sched.set_timesteps(steps)
+                x_ref = torch.from_numpy(x) * sched.init_noise_sigma
+                ref = diffusers_loop(sched, x_ref, sched.timesteps)
+                p = sampler_steps(SCHEDULE, sampler, steps, spacing=spacing, karras=karras)
+                assert_parity(ours(p, x * np.float32(p.init_scale)), ref)
 
 
 def test_parity_with_diffusers_many_steps():
@@ -403,39 +382,40 @@ def test_parity_with_diffusers_many_steps():
         assert_parity(ours(p, x * np.float32(p.init_scale)), ref)
 
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
-def test_euler_ancestral_parity_with_diffusers(spacing, monkeypatch):
+def test_euler_ancestral_parity_with_diffusers(monkeypatch):
     """Euler ancestral against diffusers, fed the noise our sampler draws at step i
     (``normal(fold_in(key, i))``: an implementation detail of samplers.euler_ancestral, restated
     here so that the sigma_up / sigma_down arithmetic is compared exactly)."""
     steps, key = 20, jax.random.key(7)
     x = start_noise(2)
     noise = jax.jit(lambda i: jax.random.normal(jax.random.fold_in(key, i), SHAPE))
-    draws = (torch.tensor(np.asarray(noise(i))) for i in range(steps))
-    monkeypatch.setattr(
-        scheduling_euler_ancestral_discrete, "randn_tensor", lambda *a, **k: next(draws)
-    )
-    sched = make_scheduler("euler_a", spacing)
-    sched.set_timesteps(steps)
-    ref = diffusers_loop(sched, torch.from_numpy(x) * sched.init_noise_sigma, sched.timesteps)
-    p = sampler_steps(SCHEDULE, "euler_a", steps, spacing=spacing)
-    assert_parity(ours(p, x * np.float32(p.init_scale), key), ref)
+    for spacing in ("leading", "trailing"):  # init_noise_sigma differs (sqrt(s^2 + 1) / s)
+        with case(spacing=spacing):
+            draws = (torch.tensor(np.asarray(noise(i))) for i in range(steps))
+            monkeypatch.setattr(
+                scheduling_euler_ancestral_discrete,
+                "randn_tensor",
+                lambda *a, d=draws, **k: next(d),
+            )
+            sched = make_scheduler("euler_a", spacing)
+            sched.set_timesteps(steps)
+            x_ref = torch.from_numpy(x) * sched.init_noise_sigma
+            ref = diffusers_loop(sched, x_ref, sched.timesteps)
+            p = sampler_steps(SCHEDULE, "euler_a", steps, spacing=spacing)
+            assert_parity(ours(p, x * np.float32(p.init_scale), key), ref)
 
 
-def _img2img_start(sched, steps, strength=1.0, denoising_start=None) -> int:
-    holder = types.SimpleNamespace(scheduler=sched)
-    ts, _ = StableDiffusionXLImg2ImgPipeline.get_timesteps(
-        holder, steps, strength, "cpu", denoising_start=denoising_start
-    )
-    return len(sched.timesteps) - len(ts)
-
-
-@pytest.mark.parametrize(("spacing", "frac"), [("leading", 0.8), ("trailing", 0.7)])
-@pytest.mark.parametrize(("sampler", "karras"), PARITY_CONFIGS, ids=PARITY_IDS)
-def test_base_refiner_handoff_parity(sampler, karras, spacing, frac):
+@pytest.mark.parametrize(("sampler", "karras"), DETERMINISTIC, ids=DETERMINISTIC_IDS)
+def test_base_refiner_handoff_parity(sampler, karras):
     """Base run to denoising_end, its state handed to a fresh scheduler from denoising_start
     (as StableDiffusionXLPipeline -> StableDiffusionXLImg2ImgPipeline with output_type="latent":
     the refiner adds no noise), against the same with two diffusers scheduler instances."""
+    for spacing, frac in (("leading", 0.8), ("trailing", 0.7)):
+        with case(spacing=spacing, frac=frac):
+            _check_handoff(sampler, karras, spacing, frac)
+
+
+def _check_handoff(sampler, karras, spacing, frac):
     steps = 25
     x = start_noise(3)
     base = make_scheduler(sampler, spacing, karras)
@@ -445,7 +425,7 @@ def test_base_refiner_handoff_parity(sampler, karras, spacing, frac):
     ref_mid = diffusers_loop(base, torch.from_numpy(x) * base.init_noise_sigma, base_ts)
     refiner = make_scheduler(sampler, spacing, karras)
     refiner.set_timesteps(steps)
-    start = _img2img_start(refiner, steps, denoising_start=frac)
+    start, _ = img2img_window(refiner, steps, denoising_start=frac)
     ref = diffusers_loop(refiner, ref_mid.clone(), refiner.timesteps[start:])
 
     kw = dict(spacing=spacing, karras=karras)
@@ -457,24 +437,24 @@ def test_base_refiner_handoff_parity(sampler, karras, spacing, frac):
     assert_parity(ours(p_ref, mid), ref)
 
 
-@pytest.mark.parametrize("strength", [0.3, 0.65])
-@pytest.mark.parametrize(("sampler", "karras"), PARITY_CONFIGS, ids=PARITY_IDS)
-def test_img2img_parity(sampler, karras, strength):
+@pytest.mark.parametrize(("sampler", "karras"), DETERMINISTIC, ids=DETERMINISTIC_IDS)
+def test_img2img_parity(sampler, karras):
     """img2img: noise clean latents to the window's first level, then sample, both ways."""
     steps = 20
     x0 = start_noise(4) * 0.5
     noise = start_noise(5)
-    sched = make_scheduler(sampler, "leading", karras)
-    sched.set_timesteps(steps)
-    start = _img2img_start(sched, steps, strength)
-    ts = sched.timesteps[start:]
-    t0 = ts[:1].repeat(SHAPE[0])
-    ref = diffusers_loop(
-        sched, sched.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), t0), ts
-    )
-    p = sampler_steps(SCHEDULE, sampler, steps, karras=karras, strength=strength)
-    start_state = p.noised(x0, noise).astype(np.float32)
-    assert_parity(ours(p, start_state), ref)
+    for strength in (0.3, 0.65):
+        with case(strength=strength):
+            sched = make_scheduler(sampler, "leading", karras)
+            sched.set_timesteps(steps)
+            start, _ = img2img_window(sched, steps, strength)
+            ts = sched.timesteps[start:]
+            t0 = ts[:1].repeat(SHAPE[0])
+            x_ref = sched.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), t0)
+            ref = diffusers_loop(sched, x_ref, ts)
+            p = sampler_steps(SCHEDULE, sampler, steps, karras=karras, strength=strength)
+            start_state = p.noised(x0, noise).astype(np.float32)
+            assert_parity(ours(p, start_state), ref)
 
 
 # --- 3. the denoiser wrapper and guidance -----------------------------------------------------
@@ -523,8 +503,7 @@ def _cond_model(x, t, cond):
     return h * jnp.cos(t / 300.0) + 0.1 * x * x
 
 
-@pytest.mark.parametrize("scale", [1.0, 5.0, 7.5])
-def test_guided_is_uncond_plus_scaled_difference(scale):
+def test_guided_is_uncond_plus_scaled_difference():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal(SHAPE), jnp.float32)
     t = jnp.float32(421.0)
@@ -543,12 +522,15 @@ def test_guided_is_uncond_plus_scaled_difference(scale):
         batches.append(x.shape[0])
         return _cond_model(x, t, c)
 
-    got = jax.jit(dn.guided(model, cond, uncond, scale))(x, t)
-    assert batches == [2 * SHAPE[0]]  # one batched call
     u, c = _cond_model(x, t, uncond), _cond_model(x, t, cond)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(u + scale * (c - u)), atol=1e-5)
-    if scale == 1.0:
-        np.testing.assert_allclose(np.asarray(got), np.asarray(c), atol=1e-5)
+    for scale in (1.0, 5.0, 7.5):
+        batches.clear()
+        got = jax.jit(dn.guided(model, cond, uncond, scale))(x, t)
+        assert batches == [2 * SHAPE[0]]  # one batched call
+        want = u + scale * (c - u)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, err_msg=scale)
+        if scale == 1.0:  # the conditional prediction alone
+            np.testing.assert_allclose(np.asarray(got), np.asarray(c), atol=1e-5)
     np.testing.assert_allclose(
         np.asarray(dn.conditional(_cond_model, cond)(x, t)), np.asarray(c), atol=1e-6
     )

@@ -16,18 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionXLImg2ImgPipeline,
-)
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from sdxl_jax.diffusion.schedule import (
     SDXL_SCHEDULER_CONFIG,
@@ -35,12 +28,15 @@ from sdxl_jax.diffusion.schedule import (
     karras_sigmas,
     sampler_steps,
 )
+from tests.cases import case
+from tests.diffusion.schedulers import base_stop, img2img_window, make_scheduler
 
 SIGMA_RTOL = 5e-5
 T_ATOL = 1e-4
 T_ATOL_KARRAS = 5e-3
 SPACINGS = ("leading", "trailing", "linspace")
-# (sampler, karras) for every combination sampler_steps() supports.
+# (sampler, karras) for every combination sampler_steps() supports: each is a test case; the
+# spacings, step counts and windows, on which the code branches less, are loops inside.
 CONFIGS = [
     ("ddim", False),
     ("euler", False),
@@ -50,22 +46,10 @@ CONFIGS = [
     ("dpmpp_2m", True),
 ]
 CONFIG_IDS = [f"{s}{'-karras' if k else ''}" for s, k in CONFIGS]
+# 1 and 2: the edges of each spacing's formula; 7, 30, 999: T // steps and T / steps not whole;
+# 1000: every timestep (leading DDIM then reaches t = 1000 and must refuse).
+STEPS = (1, 2, 4, 7, 25, 30, 50, 999, 1000)
 SCHEDULE = NoiseSchedule()
-
-
-def make_scheduler(sampler: str, spacing: str = "leading", karras: bool = False):
-    kw = {"timestep_spacing": spacing}
-    if karras:
-        kw["use_karras_sigmas"] = True
-    if sampler == "ddim":
-        return DDIMScheduler.from_config(SDXL_SCHEDULER_CONFIG, **kw)
-    if sampler == "euler":
-        return EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG, **kw)
-    if sampler == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG, **kw)
-    return DPMSolverMultistepScheduler.from_config(
-        SDXL_SCHEDULER_CONFIG, algorithm_type="dpmsolver++", solver_order=2, **kw
-    )
 
 
 def reference_sigmas(sched, sampler: str) -> tuple[np.ndarray, np.ndarray]:
@@ -92,22 +76,6 @@ def assert_plan_matches(p, sched, sampler: str, karras: bool, lo: int = 0, hi: i
     np.testing.assert_allclose(p.t, ref_t, rtol=0, atol=t_atol)
     np.testing.assert_allclose(p.sigma, sigma, rtol=SIGMA_RTOL, atol=0)
     np.testing.assert_allclose(p.sigma_next, sigma_next, rtol=SIGMA_RTOL, atol=0)
-
-
-def img2img_timesteps(sched, steps: int, strength: float = 1.0, denoising_start=None):
-    """diffusers' img2img/refiner window; sets the scheduler's begin index as the pipeline does."""
-    holder = types.SimpleNamespace(scheduler=sched)
-    ts, n = StableDiffusionXLImg2ImgPipeline.get_timesteps(
-        holder, steps, strength, "cpu", denoising_start=denoising_start
-    )
-    return len(sched.timesteps) - len(ts), n
-
-
-def base_stop(sched, denoising_end: float) -> int:
-    """The SDXL base pipeline's denoising_end rule: keep the timesteps >= the cutoff."""
-    n_train = sched.config.num_train_timesteps
-    cutoff = int(round(n_train - denoising_end * n_train))
-    return len([t for t in sched.timesteps if t >= cutoff])
 
 
 def dpm_orders(sched, timesteps) -> list[int]:
@@ -201,30 +169,36 @@ def test_schedule_from_scheduler_config(tmp_path):
 # --- full plans -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize(("sampler", "karras"), CONFIGS, ids=CONFIG_IDS)
-@pytest.mark.parametrize("steps", [1, 2, 4, 7, 25, 30, 50, 999, 1000])
-def test_plan_matches_diffusers(sampler, karras, spacing, steps):
-    if (sampler, spacing, steps) == ("ddim", "leading", 1000):
-        # Leading spacing puts the last step at t = 999 + steps_offset = 1000, past the table:
-        # diffusers' DDIMScheduler.step fails there too (alphas_cumprod[1000]).
-        with pytest.raises((ValueError, IndexError)):
-            sampler_steps(SCHEDULE, sampler, steps, spacing=spacing)
-        return
+def _plan_and_reference(sampler, karras, spacing, steps, **window):
     sched = make_scheduler(sampler, spacing, karras)
     sched.set_timesteps(steps)
-    p = sampler_steps(SCHEDULE, sampler, steps, spacing=spacing, karras=karras)
-    assert_plan_matches(p, sched, sampler, karras)
-    assert p.steps == steps
-    assert p.init_scale == pytest.approx(float(sched.init_noise_sigma), rel=SIGMA_RTOL)
-    assert p.vp == (sampler in ("ddim", "dpmpp_2m"))
-    arrays = p.arrays()
-    assert {k: v.dtype for k, v in arrays.items()} == {
-        "t": np.float32,
-        "sigma": np.float32,
-        "sigma_next": np.float32,
-        "order": np.int32,
-    }
+    return sampler_steps(SCHEDULE, sampler, steps, spacing=spacing, karras=karras, **window), sched
+
+
+@pytest.mark.parametrize(("sampler", "karras"), CONFIGS, ids=CONFIG_IDS)
+def test_plan_matches_diffusers(sampler, karras):
+    for spacing in SPACINGS:
+        for steps in STEPS:
+            with case(spacing=spacing, steps=steps):
+                if (sampler, spacing, steps) == ("ddim", "leading", 1000):
+                    # Leading spacing puts the last step at t = 999 + steps_offset = 1000, past
+                    # the table: diffusers' DDIMScheduler.step fails there too.
+                    with pytest.raises(ValueError, match="reach t = 1000"):
+                        sampler_steps(SCHEDULE, sampler, steps, spacing=spacing)
+                    continue
+                p, sched = _plan_and_reference(sampler, karras, spacing, steps)
+                assert_plan_matches(p, sched, sampler, karras)
+                assert p.steps == steps
+                assert p.init_scale == pytest.approx(float(sched.init_noise_sigma), rel=SIGMA_RTOL)
+                assert p.vp == (sampler in ("ddim", "dpmpp_2m"))
+                assert {k: v.dtype for k, v in p.arrays().items()} == {
+                    "t": np.float32,
+                    "sigma": np.float32,
+                    "sigma_next": np.float32,
+                    "order": np.int32,
+                }
+                if sampler == "dpmpp_2m" and steps <= 50:  # diffusers' step fails at 1000
+                    assert p.order.tolist() == dpm_orders(sched, sched.timesteps)
 
 
 def test_plan_spacing_defaults_to_the_schedule():
@@ -236,75 +210,64 @@ def test_plan_spacing_defaults_to_the_schedule():
         np.testing.assert_array_equal(got.sigma, want.sigma)
 
 
-@pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("karras", [False, True])
-@pytest.mark.parametrize("steps", [1, 2, 4, 25])
-def test_dpm_orders_match_diffusers(spacing, karras, steps):
-    sched = make_scheduler("dpmpp_2m", spacing, karras)
-    sched.set_timesteps(steps)
-    ref = dpm_orders(sched, sched.timesteps)
-    p = sampler_steps(SCHEDULE, "dpmpp_2m", steps, spacing=spacing, karras=karras)
-    assert p.order.tolist() == ref
-
-
 # --- windows: img2img strength, base denoising_end, refiner denoising_start --------------------
 
 
-@pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize(("sampler", "karras"), CONFIGS, ids=CONFIG_IDS)
-@pytest.mark.parametrize("steps", [4, 25, 30])
-@pytest.mark.parametrize("strength", [0.3, 0.75, 0.99, 1.0])
-def test_strength_window_matches_img2img(sampler, karras, spacing, steps, strength):
-    sched = make_scheduler(sampler, spacing, karras)
-    sched.set_timesteps(steps)
-    start, n = img2img_timesteps(sched, steps, strength)
-    # The rule, independently: the last int(steps * strength) steps.
-    assert n == min(int(steps * strength), steps)
-    p = sampler_steps(SCHEDULE, sampler, steps, spacing=spacing, karras=karras, strength=strength)
-    assert_plan_matches(p, sched, sampler, karras, lo=start)
-    if sampler == "dpmpp_2m":
-        assert p.order.tolist() == dpm_orders(sched, sched.timesteps[start:])
+def test_strength_window_matches_img2img(sampler, karras):
+    for spacing in SPACINGS:
+        for steps in (4, 25, 30):
+            # 0.99: int(steps * strength) rounds down to steps - 1; 1.0 keeps every step.
+            for strength in (0.3, 0.75, 0.99, 1.0):
+                with case(spacing=spacing, steps=steps, strength=strength):
+                    p, sched = _plan_and_reference(
+                        sampler, karras, spacing, steps, strength=strength
+                    )
+                    start, n = img2img_window(sched, steps, strength)
+                    # The rule, independently: the last int(steps * strength) steps.
+                    assert n == min(int(steps * strength), steps)
+                    assert_plan_matches(p, sched, sampler, karras, lo=start)
+                    if sampler == "dpmpp_2m":
+                        assert p.order.tolist() == dpm_orders(sched, sched.timesteps[start:])
 
 
-@pytest.mark.parametrize(("sampler", "karras"), CONFIGS, ids=CONFIG_IDS)
-@pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("steps", [4, 25, 30, 50])
-@pytest.mark.parametrize("frac", [0.8, 0.7, 0.55])
-def test_base_refiner_windows_match_diffusers(sampler, karras, spacing, steps, frac):
+def _check_base_and_refiner_windows(sampler, karras, spacing, steps, frac):
+    kw = dict(spacing=spacing, karras=karras)
     base = make_scheduler(sampler, spacing, karras)
     base.set_timesteps(steps)
     stop = base_stop(base, frac)
     refiner = make_scheduler(sampler, spacing, karras)
     refiner.set_timesteps(steps)
-    start, n = img2img_timesteps(refiner, steps, denoising_start=frac)
+    start, n = img2img_window(refiner, steps, denoising_start=frac)
 
     if stop > 0:
-        p_base = sampler_steps(
-            SCHEDULE, sampler, steps, spacing=spacing, karras=karras, denoising_end=frac
-        )
+        p_base = sampler_steps(SCHEDULE, sampler, steps, denoising_end=frac, **kw)
         assert_plan_matches(p_base, base, sampler, karras, hi=stop)
         assert p_base.init_scale == pytest.approx(float(base.init_noise_sigma), rel=SIGMA_RTOL)
         if sampler == "dpmpp_2m":
             assert p_base.order.tolist() == dpm_orders(base, base.timesteps[:stop])
     else:
         with pytest.raises(ValueError, match="no steps left"):
-            sampler_steps(
-                SCHEDULE, sampler, steps, spacing=spacing, karras=karras, denoising_end=frac
-            )
+            sampler_steps(SCHEDULE, sampler, steps, denoising_end=frac, **kw)
     if n > 0:
-        p_ref = sampler_steps(
-            SCHEDULE, sampler, steps, spacing=spacing, karras=karras, denoising_start=frac
-        )
+        p_ref = sampler_steps(SCHEDULE, sampler, steps, denoising_start=frac, **kw)
         assert_plan_matches(p_ref, refiner, sampler, karras, lo=start)
         if sampler == "dpmpp_2m":  # a fresh solver: first order again at the hand-off
             assert p_ref.order.tolist() == dpm_orders(refiner, refiner.timesteps[start:])
-    else:
+    else:  # e.g. 4 trailing steps end at t = 249 >= the cutoff 200 of frac = 0.8
         with pytest.raises(ValueError, match="no steps left"):
-            sampler_steps(
-                SCHEDULE, sampler, steps, spacing=spacing, karras=karras, denoising_start=frac
-            )
+            sampler_steps(SCHEDULE, sampler, steps, denoising_start=frac, **kw)
     # The two windows split the schedule (the refiner's start is the base's stop).
     assert start == stop
+
+
+@pytest.mark.parametrize(("sampler", "karras"), CONFIGS, ids=CONFIG_IDS)
+def test_base_refiner_windows_match_diffusers(sampler, karras):
+    for spacing in SPACINGS:
+        for steps in (4, 25, 30, 50):
+            for frac in (0.8, 0.7, 0.55):
+                with case(spacing=spacing, steps=steps, frac=frac):
+                    _check_base_and_refiner_windows(sampler, karras, spacing, steps, frac)
 
 
 def test_denoising_start_overrides_strength():
@@ -316,20 +279,20 @@ def test_denoising_start_overrides_strength():
 # --- start states -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize(("sampler", "karras"), CONFIGS, ids=CONFIG_IDS)
-@pytest.mark.parametrize("strength", [0.35, 0.8, 1.0])
-def test_noised_matches_add_noise(sampler, karras, spacing, strength):
-    sched = make_scheduler(sampler, spacing, karras)
-    sched.set_timesteps(25)
-    start, _ = img2img_timesteps(sched, 25, strength)  # set_begin_index(start) where supported
+def test_noised_matches_add_noise(sampler, karras):
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 4, 8, 8, generator=gen)
     noise = torch.randn(2, 4, 8, 8, generator=gen)
-    ref = sched.add_noise(x0, noise, sched.timesteps[start : start + 1].repeat(2)).numpy()
-    p = sampler_steps(SCHEDULE, sampler, 25, spacing=spacing, karras=karras, strength=strength)
-    got = p.noised(x0.numpy(), noise.numpy())
-    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * max(1.0, float(p.sigma[0])))
+    for spacing in SPACINGS:
+        for strength in (0.35, 0.8, 1.0):
+            with case(spacing=spacing, strength=strength):
+                p, sched = _plan_and_reference(sampler, karras, spacing, 25, strength=strength)
+                start, _ = img2img_window(sched, 25, strength)  # set_begin_index(start)
+                ref = sched.add_noise(x0, noise, sched.timesteps[start : start + 1].repeat(2))
+                got = p.noised(x0.numpy(), noise.numpy())
+                atol = 2e-5 * max(1.0, float(p.sigma[0]))
+                np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=atol)
 
 
 def test_noised_closed_form():

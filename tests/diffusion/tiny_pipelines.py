@@ -21,9 +21,6 @@ import open_clip
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
@@ -36,10 +33,10 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from sdxl_jax.data.tokenizer import BOS_TOKEN, END, EOS_TOKEN, bytes_to_unicode
 from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG
+from tests.diffusion.schedulers import make_scheduler
 
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
 VOCAB_SIZE = 49408
 BOS_ID = 49406
 EOS_ID = 49407
@@ -62,28 +59,6 @@ SAMPLERS = ("euler", "ddim", "dpmpp_2m", "euler_a")
 # --------------------------------------------------------------------------------------------
 
 
-def _byte_to_unicode() -> list[str]:
-    """The 256 printable characters CLIP's byte-level BPE uses for the bytes 0..255, in order.
-
-    Bytes that are printable (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) map to themselves; the
-    others are mapped, in increasing byte order, to the code points 256, 257, ...
-    """
-    printable = set(range(ord("!"), ord("~") + 1))
-    printable |= set(range(ord("¡"), ord("¬") + 1))
-    printable |= set(range(ord("®"), ord("ÿ") + 1))
-    table: dict[int, str] = {}
-    extra = 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    # OpenAI orders the vocabulary as: printable bytes first (in byte order), then the rest.
-    ordered = sorted(printable) + [b for b in range(256) if b not in printable]
-    return [table[b] for b in ordered]
-
-
 def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP's 49408-token vocabulary and its 48894 BPE merges, from open_clip's BPE file."""
     vocab, merges = _clip_vocab_and_merges()
@@ -95,8 +70,8 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.decompress(bpe_path.read_bytes()).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    base = _byte_to_unicode()
-    tokens = base + [ch + "</w>" for ch in base] + ["".join(pair) for pair in merges]
+    base = list(bytes_to_unicode().values())  # in CLIP's vocabulary order
+    tokens = base + [ch + END for ch in base] + ["".join(pair) for pair in merges]
     tokens += [BOS_TOKEN, EOS_TOKEN]
     assert len(tokens) == VOCAB_SIZE, len(tokens)
     vocab = {tok: i for i, tok in enumerate(tokens)}
@@ -332,24 +307,9 @@ def build_both(folder: Path) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------------------------
 
 
-def make_scheduler(config: dict, sampler: str):
-    """The diffusers scheduler for ``sampler`` built from a saved scheduler ``config``."""
-    if sampler == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    if sampler == "ddim":
-        return DDIMScheduler.from_config(config)
-    if sampler == "dpmpp_2m":
-        return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2
-        )
-    if sampler == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(config)
-    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
-
-
 def _load(cls, folder: Path, sampler: str):
     pipe = cls.from_pretrained(folder).to(dtype=torch.float32)
-    pipe.scheduler = make_scheduler(pipe.scheduler.config, sampler)
+    pipe.scheduler = make_scheduler(sampler, config=pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -379,11 +379,30 @@ def _with_init(path):
 
 
 def test_bfloat16_step_lowers():
-    """The full-size configs compute in bf16: the step traces and lowers (no compile)."""
+    """The full-size configs compute in bf16: the step lowers (no compile) to a program whose
+    convolutions (VAE and discriminator, forward and backward) all run in bf16, while the state
+    it returns keeps the train state's fp32 master weights, shapes and dtypes."""
     c = tiny_config(model__compute_dtype="bfloat16", ae__disc_start=0)
     bf16 = ae.AutoencoderTask(c, one_device_mesh())
     image = jax.ShapeDtypeStruct((B, SIDE, SIDE, 3), jnp.float32)
-    bf16._step.lower(bf16.abstract_state(), {"image": image}, None)
+    abstract = bf16.abstract_state()
+    lowered = bf16._step.lower(abstract, {"image": image}, None)
+
+    def result_types(op: str) -> list[str]:  # "4x16x16x32xbf16" -> "bf16", per op
+        lines = [ln for ln in lowered.as_text().splitlines() if f"stablehlo.{op}" in ln]
+        return [ln.rsplit("->", 1)[1].strip().rstrip(">").rsplit("x", 1)[1] for ln in lines]
+
+    convs, dots = result_types("convolution"), result_types("dot_general")
+    assert len(convs) > 20 and set(convs) == {"bf16"}, sorted(set(convs))
+    assert "bf16" in dots  # the attention projections (its scores may stay fp32)
+
+    new_state, metrics = lowered.out_info
+    assert jax.tree.structure(new_state) == jax.tree.structure(abstract)
+    for got, want in zip(jax.tree.leaves(new_state), jax.tree.leaves(abstract), strict=True):
+        assert (got.shape, got.dtype) == (want.shape, want.dtype)
+    assert {str(p.dtype) for p in jax.tree.leaves((new_state.params, new_state.ema))} == {"float32"}
+    assert all(m.shape == () for m in metrics.values())
+    assert metrics["loss"].dtype == metrics["l1"].dtype == jnp.float32
 
 
 def test_config_errors_before_compiling():
