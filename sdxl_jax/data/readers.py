@@ -521,9 +521,9 @@ def synthetic_size(location: str, options: dict[str, str]) -> tuple[int, int]:
     try:
         n, seed = int(location), int(options.get("seed", 0))
     except ValueError:
+        spec = f"synthetic:{location}"
         raise SourceError(
-            f"synthetic source needs synthetic:N[?seed=S] with integers, got "
-            f"{f'synthetic:{location}'!r}"
+            f"synthetic source needs synthetic:N[?seed=S] with integers, got {spec!r}"
         ) from None
     if n <= 0:
         raise SourceError(f"synthetic:N needs N > 0, got {n}")

@@ -58,7 +58,7 @@ def concat(host_batches):
     return {**out, "step": host_batches[0]["step"]}
 
 
-# ----------------------------------------------------------------------------- batch plan
+# ----------------------------------------------------------------------------- epoch batches
 
 
 def random_buckets(n=500, k=6, seed=0):
@@ -66,7 +66,7 @@ def random_buckets(n=500, k=6, seed=0):
 
 
 @pytest.mark.parametrize("remainder", ["drop", "repeat"])
-def test_batch_plan_covers_each_bucket_and_reshuffles(remainder):
+def test_epoch_batches_cover_each_bucket_and_reshuffle(remainder):
     buckets, batch = random_buckets(), 16
     plans = [
         batching.epoch_batches(buckets, batch, seed=3, epoch=e, remainder=remainder) for e in (0, 1)
@@ -98,7 +98,7 @@ def test_batch_plan_covers_each_bucket_and_reshuffles(remainder):
     assert all(np.array_equal(x[1], y[1]) for x, y in zip(again, plans[0], strict=True))
 
 
-def test_plan_summary_counts_and_steps():
+def test_batch_summary_counts_and_steps():
     buckets = np.array([0] * 10 + [1] * 3 + [2] * 8 + [-1] * 4)
     drop = batching.batch_summary(buckets, 4, remainder="drop")
     assert [(r["bucket"], r["batches"], r["dropped"]) for r in drop["buckets"]] == [
