@@ -24,7 +24,8 @@ import numpy as np
 
 from experiments import autoencoder as experiment
 from sdxl_jax import sharding
-from sdxl_jax.data import pipeline, prepare, synthetic
+from sdxl_jax.data import batching, prepare, synthetic
+from sdxl_jax.data import pipeline as data_pipeline
 from sdxl_jax.train.autoencoder import AutoencoderTask, dataset_images
 from sdxl_jax.weights import diffusers_io
 
@@ -56,7 +57,7 @@ def main() -> None:
 
     n = int(config.data.path.split(":")[1])
     data = workdir / "data" / f"synthetic_{n}"
-    if not (data / pipeline.INDEX_FILE).exists():
+    if not (data / batching.INDEX_FILE).exists():
         prepare.prepare(config.data.path, data, workers=1, progress=False)
     times["prepare_data"] = time.perf_counter() - t
 
@@ -68,15 +69,15 @@ def main() -> None:
     times["setup"] = time.perf_counter() - t
 
     fields = {"bucket_set", "global_batch_size", "remainder", "random_crop", "flip", "num_workers"}
-    dcfg = pipeline.DataConfig(
+    dcfg = data_pipeline.DataConfig(
         path=str(data), seed=config.seed, **{k: v for k, v in config.data.items() if k in fields}
     )
-    it = pipeline.make_iterator(dcfg, verbose=False)
+    it = data_pipeline.make_iterator(dcfg, verbose=False)
     total = config.optim.total_steps
     t = time.perf_counter()
     metrics, log = None, []
     for step in range(total):
-        batch = pipeline.to_global({"image": next(it)["image"]}, mesh, sharding.BATCH_AXES)
+        batch = data_pipeline.to_global({"image": next(it)["image"]}, mesh, sharding.BATCH_AXES)
         state, metrics = task.step(state, batch)
         if step == 0:
             jax.block_until_ready(metrics)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdxl_jax.data.tokenizer import load_tokenizer  # noqa: F401 (conditioning.load_tokenizer)
 from sdxl_jax.models.clip import CLIPTextModel
 
 MAX_TOKENS = 77
@@ -29,20 +29,6 @@ MAX_TOKENS = 77
 AESTHETIC_SCORE = 6.0
 NEGATIVE_AESTHETIC_SCORE = 2.5
 TOKENIZER_FOLDERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
-
-
-def load_tokenizer(folder: str | Path) -> Any:
-    """A CLIP tokenizer from a ``tokenizer/`` folder (vocab.json + merges.txt)."""
-    from transformers import CLIPTokenizer  # heavy import, only where needed
-
-    folder = Path(folder)
-    if not (folder / "vocab.json").exists() and not (folder / "tokenizer.json").exists():
-        raise FileNotFoundError(
-            f"{folder} holds no CLIP tokenizer (vocab.json + merges.txt). Single-file "
-            f"checkpoints carry none: pass --tokenizers DIR, a diffusers SDXL folder that has "
-            f"tokenizer/ and tokenizer_2/."
-        )
-    return CLIPTokenizer.from_pretrained(str(folder))
 
 
 def tokenize(tokenizer: Any, prompts: Sequence[str]) -> tuple[np.ndarray, int]:

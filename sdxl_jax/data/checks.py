@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from sdxl_jax.data import buckets, images
-from sdxl_jax.data.sources import RawRecord, RecordError, Source
+from sdxl_jax.data.readers import RawRecord, RecordError, Source
 
 CLIP_MAX_TOKENS = 77  # SDXL's text encoders read BOS + 75 tokens + EOS
 DEFAULT_BUCKET_SETS = tuple(buckets.BUCKET_SETS)  # sdxl_1024 first
@@ -82,7 +82,7 @@ def token_counter(tokenizer: str | Path | None) -> tuple[str, Callable[[list[str
     """("exact" | "estimated", captions -> token counts including BOS and EOS)."""
     if tokenizer is None:
         return "estimated", lambda caps: [len(_PIECES.findall(c.lower())) + 2 for c in caps]
-    from sdxl_jax.conditioning import load_tokenizer
+    from sdxl_jax.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     return "exact", lambda caps: [len(ids) for ids in tok(caps, truncation=False)["input_ids"]]

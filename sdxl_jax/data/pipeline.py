@@ -1,11 +1,12 @@
 """Grain input pipeline: one aspect bucket per global batch, each host reads its own slice.
 
-The order of the data is a pure function of ``(seed, step)``: for each epoch a *batch plan*
-(shuffle the records of each bucket, cut them into global batches, shuffle the batches) that
-every host computes alike without communicating. Global step ``s`` is batch
-``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``; process ``p`` of ``P`` reads rows
-``[p * B / P, (p + 1) * B / P)`` of it. So the global step is the whole iterator state: it is
-saved with orbax ``JsonSave`` beside the model and restores on any number of hosts.
+The order of the data is a pure function of ``(seed, step)``: for each epoch its batches
+(shuffle the records of each bucket, cut them into global batches, shuffle the batches: see
+``sdxl_jax.data.batching``) that every host computes alike without communicating. Global step
+``s`` is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``; process ``p`` of
+``P`` reads rows ``[p * B / P, (p + 1) * B / P)`` of it. So the global step is the whole
+iterator state: it is saved with orbax ``JsonSave`` beside the model and restores on any number
+of hosts.
 
 Random crops and flips draw from an rng seeded by ``(seed, step, position in the global batch)``,
 so they do not depend on the number of hosts or Grain workers either. Decoding, crop, flip and
@@ -31,20 +32,19 @@ import numpy as np
 
 from sdxl_jax.data import buckets as buckets_lib
 from sdxl_jax.data import images
-from sdxl_jax.data.plan import (  # noqa: F401 (re-exported: the pipeline's public API)
+from sdxl_jax.data.batching import (
     _TAG_CROP,
     _TAG_REPLACE,
-    INDEX_FILE,
+    INDEX_FILE,  # noqa: F401 (callers find the side index here)
     REMAINDERS,
     BatchSchedule,
-    batch_plan,
     describe,
     format_summary,
     load_index,
     open_source,
-    plan_buckets,
-    plan_summary,
+    record_buckets,
 )
+from sdxl_jax.data.cache import CachedSource
 
 STATE_FORMAT = "sdxl_jax.data.pipeline/1"
 MAX_REPLACEMENTS = 16
@@ -219,8 +219,6 @@ class DataIterator(Iterator[dict[str, Any]]):
         self.bucket_set = buckets_lib.bucket_set(cfg.bucket_set)
         index = load_index(cfg.path) if index is None else index
         if source is None and cfg.cache:
-            from sdxl_jax.data.cache import CachedSource
-
             source = CachedSource(cfg.cache)
             if source.meta["bucket_set"] != cfg.bucket_set:
                 raise ValueError(
@@ -228,14 +226,14 @@ class DataIterator(Iterator[dict[str, Any]]):
                     f"not {cfg.bucket_set!r}: rebuild it or change data.bucket_set"
                 )
         self.source = open_source(cfg.path) if source is None else source
-        plan_b, excluded = plan_buckets(index, self.bucket_set, drop_small=cfg.drop_small)
-        if len(self.source) != len(plan_b):
+        record_b, excluded = record_buckets(index, self.bucket_set, drop_small=cfg.drop_small)
+        if len(self.source) != len(record_b):
             raise ValueError(
-                f"the source has {len(self.source)} records but the side index {len(plan_b)}: "
+                f"the source has {len(self.source)} records but the side index {len(record_b)}: "
                 "they come from different prepare runs; re-run prepare into an empty directory"
             )
         self.schedule = BatchSchedule(
-            plan_b, cfg.global_batch_size, seed=cfg.seed, remainder=cfg.remainder
+            record_b, cfg.global_batch_size, seed=cfg.seed, remainder=cfg.remainder
         )
         self.summary = {**self.schedule.summary, "excluded": excluded}
         self.steps_per_epoch = self.schedule.steps_per_epoch
@@ -311,7 +309,7 @@ class DataIterator(Iterator[dict[str, Any]]):
         }
 
     def set_state(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
-        """Resume at ``state["step"]``; ``strict`` checks the plan is the one saved."""
+        """Resume at ``state["step"]``; ``strict`` checks the batches are the ones saved."""
         if strict:
             mine = self.get_state()
             diff = {k: (state[k], mine[k]) for k in mine if k != "step" and state.get(k) != mine[k]}

@@ -53,16 +53,13 @@ import argparse
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
-import pickle
 import shutil
 import sys
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,113 +67,23 @@ import numpy as np
 
 from sdxl_jax import workdir as workdir_lib
 from sdxl_jax.data import buckets, sources
+from sdxl_jax.data import staging as staging_lib
+from sdxl_jax.data.batching import INDEX_FILE
 from sdxl_jax.data.checks import (
     CLIP_MAX_TOKENS,
     COUNTED,
     DEFAULT_BUCKET_SETS,
     SKIP_REASONS,
     Options,
-    check_record,
     token_counter,
 )
-from sdxl_jax.data.sources import IMAGE_EXTENSIONS, Source, SourceError, open_source
+from sdxl_jax.data.readers import IMAGE_EXTENSIONS, Source, SourceError
+from sdxl_jax.data.sources import open_source
 
 DATASET_NAME = "sdxl_prepared"
-INDEX_FILE = "sdxl_index.npz"
 REPORT_FILE = "prepare_report.json"
 STAGING, BUILD = ".staging", ".build"
 EXAMPLES_PER_REASON = 20
-
-
-_WORKER: tuple[Source, Options] | None = None
-
-
-def _init_worker(source: Source, opts: Options) -> None:
-    global _WORKER
-    _WORKER = (source, opts)
-
-
-def _check_chunk(bounds: tuple[int, int]) -> list[dict[str, Any]]:
-    source, opts = _WORKER
-    return [check_record(source, i, opts) for i in range(*bounds)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Staging: checked chunks in DIR/.staging/, each written atomically
-# ---------------------------------------------------------------------------------------------
-
-
-def _chunk_path(staging: Path, c: int) -> Path:
-    return staging / f"chunk_{c:07d}.pkl"
-
-
-def _write_chunk(staging: Path, c: int, entries: list[dict[str, Any]]) -> None:
-    tmp = staging / f".chunk_{c:07d}.tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump(entries, f, protocol=pickle.HIGHEST_PROTOCOL)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, _chunk_path(staging, c))
-
-
-def _read_chunk(staging: Path, c: int) -> list[dict[str, Any]]:
-    with open(_chunk_path(staging, c), "rb") as f:
-        return pickle.load(f)
-
-
-def _checked_chunks(
-    source: Source, opts: Options, todo: list[tuple[int, tuple[int, int]]], workers: int
-) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """(chunk, entries) as chunks finish (any order), on ``workers`` spawned processes."""
-    if workers <= 1:
-        _init_worker(source, opts)
-        for c, bounds in todo:
-            yield c, _check_chunk(bounds)
-        return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding TFDS/JAX threads
-    pool = ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=(source, opts))
-    queue, running = iter(todo), {}
-    try:
-        while True:
-            while len(running) < 2 * workers and (job := next(queue, None)) is not None:
-                running[pool.submit(_check_chunk, job[1])] = job[0]
-            if not running:
-                break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in sorted(done, key=running.get):
-                yield running.pop(future), future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _stage(
-    source: Source, n: int, staging: Path, opts: Options, workers: int, progress: bool
-) -> int:
-    """Check records [0, n) into staged chunks; returns how many chunks an earlier run had."""
-    from tqdm import tqdm
-
-    starts = range(0, n, opts.chunk_size)
-    chunks = [(c, (s, min(n, s + opts.chunk_size))) for c, s in enumerate(starts)]
-    todo = [job for job in chunks if not _chunk_path(staging, job[0]).exists()]
-    done = sum(b - a for c, (a, b) in chunks if _chunk_path(staging, c).exists())
-    with tqdm(total=n, initial=done, unit="img", desc="check", disable=not progress) as bar:
-        for c, entries in _checked_chunks(source, opts, todo, min(workers, len(todo))):
-            _write_chunk(staging, c, entries)
-            bar.update(len(entries))
-    return len(chunks) - len(todo)
-
-
-def _staging_plan(source: Source, n: int, opts: Options) -> dict[str, Any]:
-    """What the staged chunks depend on, as JSON values (compared on resume)."""
-    plan = {
-        "format": "sdxl_jax.data.prepare/1",
-        "source": source.spec,
-        "options": source.options,
-        "records": n,
-        "listing": source.fingerprint(),
-        "check": dataclasses.asdict(opts),
-    }
-    return json.loads(json.dumps(plan))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,13 +145,13 @@ class _Shards:
                 ArrayRecordWriter(str(self.path(s)), "group_size:1").close()
 
 
-def _plan(staging: Path, n_chunks: int) -> tuple[set[int], list[int]]:
+def _to_write(staging: Path, n_chunks: int) -> tuple[set[int], list[int]]:
     """Records to write (kept, first of each key) and the shard ends over them."""
     from tensorflow_datasets.core.utils import shard_utils
 
     seen, planned, total_bytes = set(), set(), 0
     for c in range(n_chunks):
-        for e in _read_chunk(staging, c):
+        for e in staging_lib.read_chunk(staging, c):
             if "skip" not in e and e["key"] not in seen:
                 seen.add(e["key"])
                 planned.add(e["i"])
@@ -291,11 +198,11 @@ def _write_records(
     written entries (the side index rows) and the shards."""
     from tqdm import tqdm
 
-    planned, ends = _plan(staging, n_chunks)
+    planned, ends = _to_write(staging, n_chunks)
     shards, features, written, position = _Shards(build, ends), dataset_features(), [], 0
     with tqdm(total=len(planned), unit="img", desc="write", disable=not progress) as bar:
         for c in range(n_chunks):
-            entries = _read_chunk(staging, c)
+            entries = staging_lib.read_chunk(staging, c)
             kept = [e for e in entries if e["i"] in planned]
             tokens = count_tokens([e["caption"] for e in kept])
             over = {e["i"] for e, t in zip(kept, tokens, strict=True) if t > CLIP_MAX_TOKENS}
@@ -380,7 +287,7 @@ def _clear(out: Path, *, staging: bool) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def _prepare_out(out: Path, plan: dict[str, Any], overwrite: bool) -> Path:
+def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool) -> Path:
     """Create or reuse DIR; returns DIR/.staging, refusing to mix runs with other settings."""
     staging = out / STAGING
     if out.exists():
@@ -398,15 +305,15 @@ def _prepare_out(out: Path, plan: dict[str, Any], overwrite: bool) -> Path:
             )
     if (staging / "plan.json").exists():
         old = json.loads((staging / "plan.json").read_text())
-        if old != plan:
-            diff = sorted(k for k in plan if old.get(k) != plan[k])
+        if old != settings:
+            diff = sorted(k for k in settings if old.get(k) != settings[k])
             raise FileExistsError(
                 f"{staging} was staged with other settings ({', '.join(diff)} differ): rerun "
                 f"with the same settings to resume, or pass --overwrite to start over"
             )
     else:
         staging.mkdir(parents=True, exist_ok=True)
-        _write_json(staging / "plan.json", plan)
+        _write_json(staging / "plan.json", settings)
     return staging
 
 
@@ -466,9 +373,9 @@ def prepare(
             _upload(out, url, progress)
             return json.loads((out / REPORT_FILE).read_text())
     method, count_tokens = token_counter(tokenizer)  # fails early on a bad --tokenizer
-    staging = _prepare_out(out, _staging_plan(src, n, opts), overwrite)
+    staging = _prepare_out(out, staging_lib.staging_settings(src, n, opts), overwrite)
     t_list = time.perf_counter()
-    resumed = _stage(src, n, staging, opts, workers, progress)
+    resumed = staging_lib.stage(src, n, staging, opts, workers, progress)
     t_check = time.perf_counter()
 
     _clear(out, staging=False)  # leftovers of an interrupted final write

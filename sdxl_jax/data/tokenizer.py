@@ -10,6 +10,8 @@ The synthetic captions ("a red circle in the top left") need 564 tokens, within 
 tiny text encoders (``CLIPTextConfig.tiny()``). Their token strings equal real CLIP's
 (tests/data/test_tokenizer.py): each word is one token in CLIP too, except "cyan", which CLIP
 splits into "cy" + "an</w>" and ``SYNTHETIC_SPLITS`` reproduces.
+
+``load_tokenizer`` reads any CLIP tokenizer folder (these, or a checkpoint's ``tokenizer/``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from sdxl_jax.data import synthetic
 
@@ -136,6 +139,20 @@ def write_clip_tokenizer(
     text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
     (folder / "merges.txt").write_text(text, "utf-8")
     return folder
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """A CLIP tokenizer from a ``tokenizer/`` folder (vocab.json + merges.txt)."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    if not (folder / "vocab.json").exists() and not (folder / "tokenizer.json").exists():
+        raise FileNotFoundError(
+            f"{folder} holds no CLIP tokenizer (vocab.json + merges.txt). Single-file "
+            f"checkpoints carry none: pass --tokenizers DIR, a diffusers SDXL folder that has "
+            f"tokenizer/ and tokenizer_2/."
+        )
+    return CLIPTokenizer.from_pretrained(str(folder))
 
 
 def synthetic_words() -> list[str]:

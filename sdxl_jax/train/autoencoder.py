@@ -111,13 +111,12 @@ def dataset_images(path: str, bucket_set: str, n: int) -> np.ndarray:
     centre-cropped to the bucket set's most square bucket: float32 [n, h, w, 3] in [-1, 1], the
     same on every host."""
     if path.startswith("synthetic:"):
-        from sdxl_jax.data import synthetic
+        from sdxl_jax.data import sources, synthetic
 
-        count, _, query = path.split(":", 1)[1].partition("?")
-        seed = int(query.split("=", 1)[1]) if query else 0
-        encoded = [e["image"] for e in synthetic.examples(min(n, int(count)), seed)]
+        count, seed = sources.parse_synthetic(path)
+        encoded = [e["image"] for e in synthetic.examples(min(n, count), seed)]
     else:
-        from sdxl_jax.data.plan import open_source
+        from sdxl_jax.data.batching import open_source
 
         source = open_source(path)
         encoded = [source[i]["image"] for i in range(min(n, len(source)))]

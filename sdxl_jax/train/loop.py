@@ -83,8 +83,10 @@ def resolve_data(config: Any, workdir: Path) -> str:
     check_data(config)
     if not path.startswith("synthetic:"):
         return path
-    n = int(path.split(":", 1)[1])
-    out = Path(workdir) / "data" / f"synthetic_{n}"
+    from sdxl_jax.data.sources import parse_synthetic
+
+    n, seed = parse_synthetic(path)
+    out = Path(workdir) / "data" / (f"synthetic_{n}" if seed == 0 else f"synthetic_{n}_seed{seed}")
 
     def build() -> None:
         from sdxl_jax.data import prepare
@@ -106,6 +108,7 @@ def resolve_cache(config: Any, workdir: Path, data: str) -> str:
     if cache_dir != "auto" or config.kind != "diffusion":
         return "" if cache_dir == "auto" else cache_dir
     from sdxl_jax.data import cache
+    from sdxl_jax.train import cache_builder
     from sdxl_jax.train.diffusion_task import frozen_sources
 
     ckpt, vae = frozen_sources(config, workdir)
@@ -125,7 +128,7 @@ def resolve_cache(config: Any, workdir: Path, data: str) -> str:
 
             shutil.rmtree(out)
         print(f"data: caching latents and text embeddings into {out}", flush=True)
-        cache.build_cache(
+        cache_builder.build_cache(
             data, ckpt, out, bucket_set=config.data.bucket_set, vae=vae, batch_size=64,
             dtype="float32", progress=False,
         )  # fmt: skip

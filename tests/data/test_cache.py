@@ -4,19 +4,20 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from sdxl_jax.data import buckets, cache, images
+from sdxl_jax.data import batching, buckets, cache, images
 from sdxl_jax.data import pipeline as data_pipeline
+from sdxl_jax.train import cache_builder
 from tests.data.fixtures import prepared_dataset
 
 
 def test_cache_matches_diffusers_encoders(tiny_sdxl, tmp_path):
     base, _ = tiny_sdxl
     data, _ = prepared_dataset(tmp_path / "data", n=12, bucket_sets=("tiny_32",))
-    meta = cache.build_cache(data, base, tmp_path / "cache", bucket_set="tiny_32",
+    meta = cache_builder.build_cache(data, base, tmp_path / "cache", bucket_set="tiny_32",
                              batch_size=4, dtype="float32", progress=False)  # fmt: skip
     cached = cache.CachedSource(tmp_path / "cache")
-    index = data_pipeline.load_index(data)
-    source = data_pipeline.open_source(data)
+    index = batching.load_index(data)
+    source = batching.open_source(data)
     assert meta["records"] == int((index["bucket_tiny_32"] >= 0).sum()) == len(cached) > 0
 
     pipe = StableDiffusionXLPipeline.from_pretrained(base).to(torch.float32)
@@ -50,17 +51,17 @@ def test_cache_resumes_finished_buckets(tiny_sdxl, tmp_path):
     base, _ = tiny_sdxl
     data, _ = prepared_dataset(tmp_path / "data", n=8, bucket_sets=("tiny_32",))
     out = tmp_path / "cache"
-    cache.build_cache(data, base, out, bucket_set="tiny_32", batch_size=8, progress=False)
+    cache_builder.build_cache(data, base, out, bucket_set="tiny_32", batch_size=8, progress=False)
     done = sorted(out.glob("bucket_*/DONE"))
     stamps = {p: p.parent.joinpath("context.npy").stat().st_mtime_ns for p in done}
-    cache.build_cache(data, base, out, bucket_set="tiny_32", batch_size=8, progress=False)
+    cache_builder.build_cache(data, base, out, bucket_set="tiny_32", batch_size=8, progress=False)
     assert {p: p.parent.joinpath("context.npy").stat().st_mtime_ns for p in done} == stamps
 
 
 def test_pipeline_reads_the_cache(tiny_sdxl, tmp_path):
     base, _ = tiny_sdxl
     data, _ = prepared_dataset(tmp_path / "data", n=16, bucket_sets=("tiny_32",))
-    cache.build_cache(data, base, tmp_path / "cache", bucket_set="tiny_32", progress=False)
+    cache_builder.build_cache(data, base, tmp_path / "cache", bucket_set="tiny_32", progress=False)
     cfg = dict(path=str(data), bucket_set="tiny_32", global_batch_size=4, seed=3)
     images_it = data_pipeline.make_iterator(
         data_pipeline.DataConfig(**cfg, random_crop=False),

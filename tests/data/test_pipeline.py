@@ -1,4 +1,4 @@
-"""The Grain pipeline: batch plan, host slices, resume, crops, workers, global arrays."""
+"""The Grain pipeline: epoch batches, host slices, resume, crops, workers, global arrays."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sdxl_jax.data import batching
 from sdxl_jax.data import buckets as buckets_lib
-from sdxl_jax.data import pipeline as pl
+from sdxl_jax.data import pipeline as data_pipeline
 from tests.data import fixtures as fx
 
 TINY = buckets_lib.bucket_set("tiny_32")
@@ -30,7 +31,7 @@ def prepared(tmp_path_factory):
 
 def run(cfg, n, *, source=None, index=None, hosts=(0, 1), start_step=0):
     """n batches for process hosts[0] of hosts[1]."""
-    it = pl.make_iterator(
+    it = data_pipeline.make_iterator(
         cfg,
         process_index=hosts[0],
         process_count=hosts[1],
@@ -57,7 +58,7 @@ def concat(host_batches):
     return {**out, "step": host_batches[0]["step"]}
 
 
-# ----------------------------------------------------------------------------- batch plan
+# ----------------------------------------------------------------------------- epoch batches
 
 
 def random_buckets(n=500, k=6, seed=0):
@@ -65,9 +66,11 @@ def random_buckets(n=500, k=6, seed=0):
 
 
 @pytest.mark.parametrize("remainder", ["drop", "repeat"])
-def test_batch_plan_covers_each_bucket_and_reshuffles(remainder):
+def test_epoch_batches_cover_each_bucket_and_reshuffle(remainder):
     buckets, batch = random_buckets(), 16
-    plans = [pl.batch_plan(buckets, batch, seed=3, epoch=e, remainder=remainder) for e in (0, 1)]
+    plans = [
+        batching.epoch_batches(buckets, batch, seed=3, epoch=e, remainder=remainder) for e in (0, 1)
+    ]
     for plan in plans:
         for b, ix in plan:
             assert ix.shape == (batch,) and (buckets[ix] == b).all()
@@ -91,56 +94,59 @@ def test_batch_plan_covers_each_bucket_and_reshuffles(remainder):
     for b in range(6):  # and the records within each bucket
         within = [np.concatenate([ix for bb, ix in p if bb == b]) for p in plans]
         assert not np.array_equal(*within)
-    again = pl.batch_plan(buckets, batch, seed=3, epoch=0, remainder=remainder)
+    again = batching.epoch_batches(buckets, batch, seed=3, epoch=0, remainder=remainder)
     assert all(np.array_equal(x[1], y[1]) for x, y in zip(again, plans[0], strict=True))
 
 
-def test_plan_summary_counts_and_steps():
+def test_batch_summary_counts_and_steps():
     buckets = np.array([0] * 10 + [1] * 3 + [2] * 8 + [-1] * 4)
-    drop = pl.plan_summary(buckets, 4, remainder="drop")
+    drop = batching.batch_summary(buckets, 4, remainder="drop")
     assert [(r["bucket"], r["batches"], r["dropped"]) for r in drop["buckets"]] == [
         (0, 2, 2),
         (1, 0, 3),
         (2, 2, 0),
     ]
     assert drop["steps_per_epoch"] == 4 and drop["dropped"] == 5 and drop["records"] == 21
-    rep = pl.plan_summary(buckets, 4, remainder="repeat")
+    rep = batching.batch_summary(buckets, 4, remainder="repeat")
     assert [(r["batches"], r["repeated"]) for r in rep["buckets"]] == [(3, 2), (1, 1), (2, 0)]
     assert rep["steps_per_epoch"] == 6 and rep["dropped"] == 0
     for remainder, summary in (("drop", drop), ("repeat", rep)):
-        plan = pl.batch_plan(buckets, 4, seed=0, epoch=0, remainder=remainder)
+        plan = batching.epoch_batches(buckets, 4, seed=0, epoch=0, remainder=remainder)
         assert len(plan) == summary["steps_per_epoch"]
 
 
 def test_schedule_maps_steps_to_epochs():
     buckets = random_buckets(100, 3)
-    s = pl.BatchSchedule(buckets, 8, seed=1, remainder="drop")
+    s = batching.BatchSchedule(buckets, 8, seed=1, remainder="drop")
     for step in (0, 5, s.steps_per_epoch, 2 * s.steps_per_epoch + 3):
         epoch, i = divmod(step, s.steps_per_epoch)
-        b, ix = pl.batch_plan(buckets, 8, seed=1, epoch=epoch, remainder="drop")[i]
+        b, ix = batching.epoch_batches(buckets, 8, seed=1, epoch=epoch, remainder="drop")[i]
         assert s.at(step)[0] == b and np.array_equal(s.at(step)[1], ix)
     with pytest.raises(ValueError, match="remainder='repeat'"):
-        pl.BatchSchedule(np.array([0, 0, 1]), 4, seed=0, remainder="drop")
+        batching.BatchSchedule(np.array([0, 0, 1]), 4, seed=0, remainder="drop")
 
 
 def test_host_slice_and_errors(stand_in):
-    assert pl.host_slice(8, 1, 2) == slice(4, 8)
+    assert data_pipeline.host_slice(8, 1, 2) == slice(4, 8)
     with pytest.raises(ValueError, match="multiple of 4"):
-        pl.host_slice(6, 0, 4)
+        data_pipeline.host_slice(6, 0, 4)
     records, index = stand_in
     with pytest.raises(KeyError, match="--bucket-sets"):
         run(
-            pl.DataConfig(bucket_set="tiny_64", global_batch_size=4), 1, source=records, index=index
+            data_pipeline.DataConfig(bucket_set="tiny_64", global_batch_size=4),
+            1,
+            source=records,
+            index=index,
         )
     with pytest.raises(ValueError, match="different prepare runs"):
         run(
-            pl.DataConfig(bucket_set="tiny_32", global_batch_size=4),
+            data_pipeline.DataConfig(bucket_set="tiny_32", global_batch_size=4),
             1,
             source=records[:-1],
             index=index,
         )
     with pytest.raises(ValueError, match="remainder"):
-        pl.DataConfig(remainder="pad")
+        data_pipeline.DataConfig(remainder="pad")
 
 
 # ----------------------------------------------------------------------------- batches
@@ -170,7 +176,7 @@ def check_crop_content(image, original_size, crop_top_left, target_size, ident):
 @pytest.mark.parametrize("random_crop,flip", [(True, True), (False, False)])
 def test_batches_one_bucket_and_crops_match_content(stand_in, random_crop, flip):
     records, index = stand_in
-    cfg = pl.DataConfig(
+    cfg = data_pipeline.DataConfig(
         bucket_set="tiny_32", global_batch_size=4, random_crop=random_crop, flip=flip
     )
     batches = run(cfg, 9, source=records, index=index)  # one epoch
@@ -205,7 +211,7 @@ def test_batches_one_bucket_and_crops_match_content(stand_in, random_crop, flip)
 
 def test_two_hosts_get_disjoint_slices_of_the_single_host_batches(stand_in):
     records, index = stand_in
-    cfg = pl.DataConfig(bucket_set="tiny_32", global_batch_size=4, flip=True, seed=5)
+    cfg = data_pipeline.DataConfig(bucket_set="tiny_32", global_batch_size=4, flip=True, seed=5)
     n = 12  # crosses the epoch boundary (9 steps per epoch)
     single = run(cfg, n, source=records, index=index)
     hosts = [run(cfg, n, source=records, index=index, hosts=(p, 2)) for p in (0, 1)]
@@ -219,8 +225,8 @@ def test_two_hosts_get_disjoint_slices_of_the_single_host_batches(stand_in):
 
 def test_repeat_fills_partial_batches(stand_in):
     records, index = stand_in
-    cfg = pl.DataConfig(bucket_set="tiny_32", global_batch_size=4, remainder="repeat")
-    it = pl.make_iterator(
+    cfg = data_pipeline.DataConfig(bucket_set="tiny_32", global_batch_size=4, remainder="repeat")
+    it = data_pipeline.make_iterator(
         cfg, process_index=0, process_count=1, source=records, index=index, verbose=False
     )
     batches = [next(it) for _ in range(it.steps_per_epoch)]
@@ -231,8 +237,8 @@ def test_repeat_fills_partial_batches(stand_in):
 
 def test_drop_small_uses_the_side_index(stand_in):
     records, index = stand_in
-    cfg = pl.DataConfig(bucket_set="tiny_32", global_batch_size=2, drop_small=True)
-    it = pl.make_iterator(
+    cfg = data_pipeline.DataConfig(bucket_set="tiny_32", global_batch_size=2, drop_small=True)
+    it = data_pipeline.make_iterator(
         cfg, process_index=0, process_count=1, source=records, index=index, verbose=False
     )
     sizes = np.array(TINY.sizes)[index["bucket_tiny_32"]]
@@ -249,8 +255,8 @@ def test_undecodable_images_are_replaced_within_the_bucket(stand_in):
     bad = [3, 7]
     records[3] = {**records[3], "image": b"not an image at all"}
     records[7] = {**records[7], "image": records[7]["image"][:60]}  # truncated PNG
-    cfg = pl.DataConfig(bucket_set="tiny_32", global_batch_size=4)
-    it = pl.make_iterator(
+    cfg = data_pipeline.DataConfig(bucket_set="tiny_32", global_batch_size=4)
+    it = data_pipeline.make_iterator(
         cfg, process_index=0, process_count=1, source=records, index=index, verbose=False
     )
     batches = [next(it) for _ in range(it.steps_per_epoch)]
@@ -273,33 +279,39 @@ def test_resume_from_orbax_on_one_and_two_hosts(stand_in, tmp_path):
     import orbax.checkpoint as ocp
 
     records, index = stand_in
-    cfg = pl.DataConfig(bucket_set="tiny_32", global_batch_size=4, flip=True, seed=2)
+    cfg = data_pipeline.DataConfig(bucket_set="tiny_32", global_batch_size=4, flip=True, seed=2)
     reference = run(cfg, 12, source=records, index=index)
     k = 7
-    it = pl.make_iterator(
+    it = data_pipeline.make_iterator(
         cfg, process_index=0, process_count=1, source=records, index=index, verbose=False
     )
     assert_batches_equal([next(it) for _ in range(k)], reference[:k])
-    pl.save_state(tmp_path / "data_state", it)
+    data_pipeline.save_state(tmp_path / "data_state", it)
     # Beside a model in a CheckpointManager.
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
         mngr.save(
             k,
             args=ocp.args.Composite(
-                params=ocp.args.StandardSave({"w": np.arange(3.0)}), data=pl.save_args(it)
+                params=ocp.args.StandardSave({"w": np.arange(3.0)}),
+                data=data_pipeline.save_args(it),
             ),
         )
         mngr.wait_until_finished()
         restored = mngr.restore(
-            k, args=ocp.args.Composite(params=ocp.args.StandardRestore(), data=pl.restore_args())
+            k,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(), data=data_pipeline.restore_args()
+            ),
         )
     assert restored.data == it.get_state() and restored.data["step"] == k
     it.close()
 
     kw = dict(source=records, index=index, verbose=False)
-    one = pl.restore(tmp_path / "data_state", cfg, process_index=0, process_count=1, **kw)
+    one = data_pipeline.restore(
+        tmp_path / "data_state", cfg, process_index=0, process_count=1, **kw
+    )
     assert_batches_equal([next(one) for _ in range(12 - k)], reference[k:])
-    two = [pl.make_iterator(cfg, process_index=p, process_count=2, **kw) for p in (0, 1)]
+    two = [data_pipeline.make_iterator(cfg, process_index=p, process_count=2, **kw) for p in (0, 1)]
     for host in two:
         host.set_state(restored.data)
     resumed = [concat([next(h) for h in two]) for _ in range(12 - k)]
@@ -315,8 +327,8 @@ def test_resume_from_orbax_on_one_and_two_hosts(stand_in, tmp_path):
 
 def test_describe_and_cli(stand_in, tmp_path, capsys):
     _, index = stand_in
-    np.savez(tmp_path / pl.INDEX_FILE, **index)
-    summary = pl.describe(tmp_path, "tiny_32", 4, verbose=False)
+    np.savez(tmp_path / batching.INDEX_FILE, **index)
+    summary = batching.describe(tmp_path, "tiny_32", 4, verbose=False)
     counts = np.bincount(index["bucket_tiny_32"], minlength=len(TINY.sizes))
     assert {r["bucket"]: r["records"] for r in summary["buckets"]} == {
         b: int(n) for b, n in enumerate(counts) if n
@@ -324,21 +336,21 @@ def test_describe_and_cli(stand_in, tmp_path, capsys):
     assert summary["steps_per_epoch"] == sum(n // 4 for n in counts)
     assert summary["dropped"] == sum(n % 4 for n in counts)
     argv = f"--data {tmp_path} --bucket-set tiny_32 --global-batch 4 --show 2".split()
-    assert pl.main(argv) == 0
+    assert data_pipeline.main(argv) == 0
     out = capsys.readouterr().out
     assert f"steps per epoch: {summary['steps_per_epoch']}" in out and "step 1: bucket" in out
     with pytest.raises(FileNotFoundError, match="sdxl_jax.data.prepare"):
-        pl.describe(tmp_path / "nowhere", "tiny_32", 4)
+        batching.describe(tmp_path / "nowhere", "tiny_32", 4)
 
 
 def test_to_global_shards_over_the_batch_axes(stand_in):
     import jax
 
     records, index = stand_in
-    cfg = pl.DataConfig(bucket_set="tiny_32", global_batch_size=8, remainder="repeat")
+    cfg = data_pipeline.DataConfig(bucket_set="tiny_32", global_batch_size=8, remainder="repeat")
     (batch,) = run(cfg, 1, source=records, index=index)
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    g = pl.to_global(batch, mesh, ("data", "fsdp"))
+    g = data_pipeline.to_global(batch, mesh, ("data", "fsdp"))
     assert isinstance(g["image"], jax.Array) and g["image"].shape == batch["image"].shape
     assert len(g["image"].sharding.device_set) == 8
     assert g["image"].addressable_shards[0].data.shape[0] == 1
@@ -347,10 +359,13 @@ def test_to_global_shards_over_the_batch_axes(stand_in):
     )
     assert isinstance(g["caption"], np.ndarray) and g["step"] == 0
     (small,) = run(
-        pl.DataConfig(bucket_set="tiny_32", global_batch_size=4), 1, source=records, index=index
+        data_pipeline.DataConfig(bucket_set="tiny_32", global_batch_size=4),
+        1,
+        source=records,
+        index=index,
     )
     with pytest.raises(ValueError, match="multiple of 8"):
-        pl.to_global(small, mesh, ("data", "fsdp"))
+        data_pipeline.to_global(small, mesh, ("data", "fsdp"))
 
 
 _TWO_PROCESS_WORKER = """
@@ -359,16 +374,17 @@ import jax, numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
 from jax.sharding import NamedSharding, PartitionSpec
-from sdxl_jax.data import pipeline as pl
+from sdxl_jax.data import pipeline as data_pipeline
 from tests.data import fixtures as fx
 records, index = fx.stand_in(fx.random_sizes(40, seed=1))
-cfg = pl.DataConfig(bucket_set="tiny_32", global_batch_size=8, remainder="repeat", flip=True)
-it = pl.make_iterator(cfg, source=records, index=index, verbose=False)  # hosts from jax
+cfg = data_pipeline.DataConfig(bucket_set="tiny_32", global_batch_size=8, remainder="repeat",
+                               flip=True)
+it = data_pipeline.make_iterator(cfg, source=records, index=index, verbose=False)  # hosts from jax
 mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 gather = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))
 out = {}
 for step in range(2):
-    batch = pl.to_global(next(it), mesh, ("data", "fsdp"))
+    batch = data_pipeline.to_global(next(it), mesh, ("data", "fsdp"))
     for key in ("image", "index", "crop_coords_top_left"):
         out[f"{key}{step}"] = np.asarray(gather(batch[key]))
 np.savez(sys.argv[3], **out)
@@ -385,7 +401,9 @@ def test_two_processes_assemble_the_single_host_batches(stand_in, tmp_path):
     import portpicker
 
     records, index = stand_in
-    cfg = pl.DataConfig(bucket_set="tiny_32", global_batch_size=8, remainder="repeat", flip=True)
+    cfg = data_pipeline.DataConfig(
+        bucket_set="tiny_32", global_batch_size=8, remainder="repeat", flip=True
+    )
     single = run(cfg, 2, source=records, index=index)
     root = str(Path(__file__).resolve().parents[2])
     env = {
@@ -422,10 +440,10 @@ def test_prepared_dataset_batches(prepared):
     from sdxl_jax.data import synthetic
 
     # Centre crops: a random one may move this dataset's shape across the middle (see synthetic).
-    cfg = pl.DataConfig(
+    cfg = data_pipeline.DataConfig(
         path=str(prepared), bucket_set="tiny_32", global_batch_size=4, random_crop=False
     )
-    it = pl.make_iterator(cfg, process_index=0, process_count=1, verbose=False)
+    it = data_pipeline.make_iterator(cfg, process_index=0, process_count=1, verbose=False)
     with it:
         for _ in range(it.steps_per_epoch):
             batch = next(it)
@@ -438,7 +456,9 @@ def test_prepared_dataset_batches(prepared):
 
 
 def test_workers_give_the_same_batches(prepared):
-    cfg = pl.DataConfig(path=str(prepared), bucket_set="tiny_32", global_batch_size=4, flip=True)
+    cfg = data_pipeline.DataConfig(
+        path=str(prepared), bucket_set="tiny_32", global_batch_size=4, flip=True
+    )
     in_process = run(cfg, 5, hosts=(1, 2), start_step=3)
     workers = run(dataclasses.replace(cfg, num_workers=2), 5, hosts=(1, 2), start_step=3)
     assert_batches_equal(workers, in_process)
@@ -446,7 +466,7 @@ def test_workers_give_the_same_batches(prepared):
 
 def test_uint8_images_are_the_unnormalised_pixels(stand_in):
     records, index = stand_in
-    cfg = pl.DataConfig(bucket_set="tiny_32", global_batch_size=4, flip=True)
+    cfg = data_pipeline.DataConfig(bucket_set="tiny_32", global_batch_size=4, flip=True)
     (f32,) = run(cfg, 1, source=records, index=index, start_step=4)
     (u8,) = run(
         dataclasses.replace(cfg, image_dtype="uint8"),

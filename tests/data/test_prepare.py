@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from sdxl_jax.data import buckets, images, prepare, synthetic
+from sdxl_jax.data import staging as staging_lib
 from sdxl_jax.data.prepare import INDEX_FILE, REPORT_FILE, main
 
 FAST = {"workers": 0, "progress": False}
@@ -336,7 +337,7 @@ def test_interrupted_build_resumes_to_the_same_dataset(corpus, tmp_path, monkeyp
     spec, opts = f"folder:{corpus}", {"chunk_size": 3, **FAST}
     prepare.prepare(spec, tmp_path / "whole", **opts)
 
-    write_chunk, calls = prepare._write_chunk, []
+    write_chunk, calls = staging_lib.write_chunk, []
 
     def stop_after_two(staging, c, entries):
         if len(calls) == 2:
@@ -344,7 +345,7 @@ def test_interrupted_build_resumes_to_the_same_dataset(corpus, tmp_path, monkeyp
         calls.append(c)
         write_chunk(staging, c, entries)
 
-    monkeypatch.setattr(prepare, "_write_chunk", stop_after_two)
+    monkeypatch.setattr(staging_lib, "write_chunk", stop_after_two)
     with pytest.raises(_Stop):
         prepare.prepare(spec, tmp_path / "part", **opts)
     staged = sorted(p.name for p in (tmp_path / "part" / ".staging").glob("chunk_*"))
@@ -353,7 +354,7 @@ def test_interrupted_build_resumes_to_the_same_dataset(corpus, tmp_path, monkeyp
 
     with pytest.raises(FileExistsError, match="other settings"):  # staged with chunk_size 3
         prepare.prepare(spec, tmp_path / "part", workers=0, progress=False)
-    monkeypatch.setattr(prepare, "_write_chunk", write_chunk)
+    monkeypatch.setattr(staging_lib, "write_chunk", write_chunk)
     report = prepare.prepare(spec, tmp_path / "part", **opts)
     assert report["chunks"] == {"total": 4, "staged_by_an_earlier_run": 2}
     whole, part = _read(tmp_path / "whole")[0], _read(tmp_path / "part")[0]

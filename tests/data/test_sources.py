@@ -8,8 +8,9 @@ import tarfile
 
 import pytest
 
-from sdxl_jax.data import sources
-from sdxl_jax.data.sources import RecordError, SourceError, expand_braces, open_source, parse_spec
+from sdxl_jax.data import readers
+from sdxl_jax.data.readers import RecordError, SourceError, expand_braces
+from sdxl_jax.data.sources import open_source, parse_spec, parse_synthetic
 
 
 def test_parse_spec_options_and_glob_wildcards():
@@ -82,4 +83,33 @@ def test_sources_pickle_without_open_handles(tmp_path):
     clone = pickle.loads(pickle.dumps(src))
     assert not any(k.startswith("_cache") for k in vars(clone))
     assert clone.load(0).data == b"p"
-    assert isinstance(clone, sources.WebDatasetSource)
+    assert isinstance(clone, readers.WebDatasetSource)
+
+
+def test_parse_synthetic():
+    assert parse_synthetic("synthetic:8") == (8, 0)
+    assert parse_synthetic("synthetic:8?seed=3") == (8, 3)
+    for spec, match in (
+        ("synthetic:ten", "synthetic:N"),
+        ("synthetic:0", "N > 0"),
+        ("synthetic:8?sed=3", "take options"),
+        ("folder:/data", "not a synthetic source"),
+    ):
+        with pytest.raises(SourceError, match=match):
+            parse_synthetic(spec)
+
+
+def test_train_loop_prepares_a_seeded_synthetic_spec(tmp_path):
+    import ml_collections
+
+    from sdxl_jax.data import batching, synthetic
+    from sdxl_jax.train import loop
+
+    config = ml_collections.ConfigDict({"data": {"path": "synthetic:8?seed=3"}})
+    path = loop.resolve_data(config, tmp_path)
+    assert path == str(tmp_path / "data" / "synthetic_8_seed3")
+    source = batching.open_source(path)
+    want = list(synthetic.examples(8, seed=3))
+    assert [source[i]["key"].decode() for i in range(len(source))] == [e["key"] for e in want]
+    assert [source[i]["image"] for i in range(len(source))] == [e["image"] for e in want]
+    assert want[0]["image"] != next(synthetic.examples(1, seed=0))["image"]  # the seed counts

@@ -29,10 +29,11 @@ def make_parts(root: Path) -> dict[str, Path]:
     data, _ = prepared_dataset(root / "data", 96, ("tiny_square_32", "tiny_aspect_64"))
     # Latents and text embeddings for tiny_square_32 (base_256:tiny), built once for every run
     # (data.cache=auto would build it again in each run's workdir).
-    from sdxl_jax.data import cache
+    from sdxl_jax.train import cache_builder
 
-    cache.build_cache(data, root / "frozen", root / "latents_32", bucket_set="tiny_square_32",
-                      vae=root / "vae_export", dtype="float32", progress=False)  # fmt: skip
+    cache_builder.build_cache(data, root / "frozen", root / "latents_32",
+                              bucket_set="tiny_square_32", vae=root / "vae_export",
+                              dtype="float32", progress=False)  # fmt: skip
     return {"frozen": root / "frozen", "vae": root / "vae_export", "data": data,
             "latents": root / "latents_32", "cache": root / "xla_cache"}  # fmt: skip
 

@@ -1,8 +1,8 @@
-"""The batch plan: which records form global batch ``s``, from the side index alone.
+"""Batching by bucket: which records form global batch ``s``, from the side index alone.
 
 For each epoch, shuffle the records of each bucket, cut them into global batches (remainders
 dropped or filled by repetition), and shuffle the order of the batches, all with rngs seeded by
-``(seed, epoch, ...)``: every host computes the same plan without communicating. ``describe``
+``(seed, epoch, ...)``: every host computes the same batches without communicating. ``describe``
 reports steps per epoch and the bucket histogram without decoding a single image.
 """
 
@@ -25,10 +25,10 @@ REMAINDERS = ("drop", "repeat")
 _TAG_SHUFFLE, _TAG_ORDER, _TAG_CROP, _TAG_REPLACE = 0, 1, 2, 3
 
 
-# ----------------------------------------------------------------------------- batch plan
+# ----------------------------------------------------------------------------- epoch batches
 
 
-def batch_plan(
+def epoch_batches(
     buckets: np.ndarray, global_batch: int, *, seed: int, epoch: int, remainder: str = "drop"
 ) -> list[tuple[int, np.ndarray]]:
     """One epoch: ``[(bucket, record indices [global_batch])]`` in the order they are used.
@@ -41,28 +41,28 @@ def batch_plan(
         raise ValueError(f"remainder={remainder!r}: use one of {REMAINDERS}")
     buckets = np.asarray(buckets)
     order = np.argsort(buckets, kind="stable")
-    order = order.astype(np.int32) if len(order) < 2**31 else order  # halves a plan's memory
+    order = order.astype(np.int32) if len(order) < 2**31 else order  # halves an epoch's memory
     sorted_buckets = buckets[order]
     values, starts = np.unique(sorted_buckets, return_index=True)
-    plan = []
+    batches = []
     for b, members in zip(values, np.split(order, starts[1:]), strict=True):
         if b < 0:
             continue
         members = np.random.default_rng((seed, _TAG_SHUFFLE, epoch, int(b))).permutation(members)
         n_full, rest = divmod(len(members), global_batch)
         for i in range(n_full):
-            plan.append((int(b), members[i * global_batch : (i + 1) * global_batch]))
+            batches.append((int(b), members[i * global_batch : (i + 1) * global_batch]))
         if rest and remainder == "repeat":
             fill = np.resize(members, global_batch - rest)  # cycles through the bucket
-            plan.append((int(b), np.concatenate([members[n_full * global_batch :], fill])))
-    batch_order = np.random.default_rng((seed, _TAG_ORDER, epoch)).permutation(len(plan))
-    return [plan[i] for i in batch_order]
+            batches.append((int(b), np.concatenate([members[n_full * global_batch :], fill])))
+    batch_order = np.random.default_rng((seed, _TAG_ORDER, epoch)).permutation(len(batches))
+    return [batches[i] for i in batch_order]
 
 
-def plan_summary(buckets: np.ndarray, global_batch: int, *, remainder: str = "drop") -> dict:
+def batch_summary(buckets: np.ndarray, global_batch: int, *, remainder: str = "drop") -> dict:
     """Records, batches, dropped and repeated records per bucket, and steps per epoch.
 
-    The counts do not depend on the shuffle, so this needs no plan.
+    The counts do not depend on the shuffle, so no epoch's batches are drawn.
     """
     buckets = np.asarray(buckets)
     values, counts = np.unique(buckets[buckets >= 0], return_counts=True)
@@ -96,9 +96,9 @@ class BatchSchedule:
     """Global step -> (bucket, record indices [global_batch]); epochs computed on demand."""
 
     def __init__(self, buckets: np.ndarray, global_batch: int, *, seed: int, remainder: str):
-        self.buckets = np.asarray(buckets, np.int32)  # [N], -1: not planned
+        self.buckets = np.asarray(buckets, np.int32)  # [N], -1: left out
         self.global_batch, self.seed, self.remainder = global_batch, seed, remainder
-        self.summary = plan_summary(self.buckets, global_batch, remainder=remainder)
+        self.summary = batch_summary(self.buckets, global_batch, remainder=remainder)
         self.steps_per_epoch = self.summary["steps_per_epoch"]
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -107,34 +107,34 @@ class BatchSchedule:
                 f"{max((r['records'] for r in self.summary['buckets']), default=0)}): "
                 "use remainder='repeat', a smaller global batch, or more data"
             )
-        self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __getstate__(self):  # worker processes compute the epochs they need themselves
-        return {**self.__dict__, "_plans": {}}
+        return {**self.__dict__, "_epochs": {}}
 
-    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(bucket per batch [S], indices [S, global_batch]) for one epoch, cached.
 
         Safe under Grain's reader threads: the cache is replaced, never mutated, and at an
         epoch boundary both epochs stay cached.
         """
-        plans = self._plans
-        if epoch not in plans:
-            plan = batch_plan(
+        epochs = self._epochs
+        if epoch not in epochs:
+            batches = epoch_batches(
                 self.buckets,
                 self.global_batch,
                 seed=self.seed,
                 epoch=epoch,
                 remainder=self.remainder,
             )
-            entry = (np.array([b for b, _ in plan]), np.stack([ix for _, ix in plan]))
-            keep = {e: v for e, v in plans.items() if e in (epoch - 1, epoch + 1)}
-            self._plans = plans = {**keep, epoch: entry}
-        return plans[epoch]
+            entry = (np.array([b for b, _ in batches]), np.stack([ix for _, ix in batches]))
+            keep = {e: v for e, v in epochs.items() if e in (epoch - 1, epoch + 1)}
+            self._epochs = epochs = {**keep, epoch: entry}
+        return epochs[epoch]
 
     def at(self, step: int) -> tuple[int, np.ndarray]:
         epoch, i = divmod(step, self.steps_per_epoch)
-        bucket_of, indices = self.epoch_plan(epoch)
+        bucket_of, indices = self.epoch_order(epoch)
         return int(bucket_of[i]), indices[i]
 
 
@@ -162,10 +162,10 @@ def open_source(path: str | Path) -> Any:
     return builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
 
 
-def plan_buckets(
+def record_buckets(
     index: Mapping[str, np.ndarray], bucket_set: buckets_lib.BucketSet, *, drop_small: bool
 ) -> tuple[np.ndarray, dict[str, int]]:
-    """Each record's bucket for the plan (-1: left out) and the counts of what was left out."""
+    """Each record's bucket for batching (-1: left out) and the counts of what was left out."""
     column = "bucket_" + bucket_set.name
     if column not in index:
         sets = sorted(k[len("bucket_") :] for k in index if k.startswith("bucket_"))
@@ -225,8 +225,8 @@ def describe(
     """Steps per epoch and the bucket histogram of a prepared dataset, from its side index."""
     bset = buckets_lib.bucket_set(bucket_set)
     index = load_index(path)
-    b, excluded = plan_buckets(index, bset, drop_small=drop_small)
-    summary = {**plan_summary(b, global_batch, remainder=remainder), "excluded": excluded}
+    b, excluded = record_buckets(index, bset, drop_small=drop_small)
+    summary = {**batch_summary(b, global_batch, remainder=remainder), "excluded": excluded}
     text = format_summary(summary, bset)
     if show:
         schedule = BatchSchedule(b, global_batch, seed=seed, remainder=remainder)
