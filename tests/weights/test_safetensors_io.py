@@ -80,11 +80,9 @@ def test_load_places_each_parameter_with_its_sharding(tmp_path):
     comp = COMPONENTS["unet"]
     source = TensorSource.open(tmp_path / "diffusion_pytorch_model.safetensors")
     abstract = comp.abstract(cfg, param_dtype=jnp.bfloat16)
-    sharded = load_module(
-        abstract, source, comp.name_rules(cfg), component="unet", sharding=sharding
-    )
+    sharded = load_module(abstract, source, comp.rules, component="unet", sharding=sharding)
     plain = load_module(
-        comp.abstract(cfg, param_dtype=jnp.bfloat16), source, comp.name_rules(cfg), component="unet"
+        comp.abstract(cfg, param_dtype=jnp.bfloat16), source, comp.rules, component="unet"
     )
     a = dict(nnx.to_flat_state(nnx.state(sharded, nnx.Param)))
     b = dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))
