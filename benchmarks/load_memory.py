@@ -95,7 +95,7 @@ def write_checkpoint(workdir: Path, dtype: np.dtype, max_shard_bytes: int | None
     cfg = UNetConfig.sdxl_base()
     comp = COMPONENTS["unet"]
     abstract = comp.abstract(cfg, param_dtype=jnp.float32)  # shapes only
-    entries = param_entries(abstract, comp.name_rules(cfg))
+    entries = param_entries(abstract, comp.rules)
     n_params = sum(int(np.prod(e.shape, dtype=np.int64)) for e in entries)
     total = n_params * dtype.itemsize
     print(f"writing {n_params:,} params as {dtype.name}: {total / GB:.2f} GB", flush=True)
@@ -128,7 +128,9 @@ def write_checkpoint(workdir: Path, dtype: np.dtype, max_shard_bytes: int | None
             specs[k] = TensorSpec(e.ref_shape, dtype, lambda k=k, s=e.ref_shape: produce(k, s))
     unet_dir = workdir / "unet"
     unet_dir.mkdir(parents=True, exist_ok=True)
-    (unet_dir / "config.json").write_text(json.dumps(cfg.to_reference(), indent=2, sort_keys=True))
+    (unet_dir / "config.json").write_text(
+        json.dumps(comp.to_reference(cfg), indent=2, sort_keys=True)
+    )
     names = write_sharded(unet_dir, STEM, specs, max_shard_bytes, metadata={"format": "pt"})
     size = sum(p.stat().st_size for p in checkpoint_files(unet_dir))
     dt = time.perf_counter() - t0

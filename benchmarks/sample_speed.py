@@ -430,6 +430,7 @@ def run_diffusers(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG
+    from sdxl_jax.weights import configs
 
     cfg = preset_configs(args.preset)
     on_gpu = torch.cuda.is_available()
@@ -456,10 +457,10 @@ def run_diffusers(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    vae_ref = cfg["vae"].to_reference()
+    vae_ref = configs.vae_to_reference(cfg["vae"])
     assert vae_ref["force_upcast"] is True
     with torch.device(device):
-        unet = diffusers.UNet2DConditionModel.from_config(cfg["unet"].to_reference())
+        unet = diffusers.UNet2DConditionModel.from_config(configs.unet_to_reference(cfg["unet"]))
         vae = diffusers.AutoencoderKL.from_config(vae_ref)
     unet = unet.to(tdtype).eval()
     vae = vae.to(vae_tdtype).eval()

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 CHECKPOINTS = "checkpoints"
-PROGRESS_EVERY_S = 10.0  # long copies print a progress line this often
+PROGRESS_EVERY_S = 10.0  # long copies redraw their progress bar at most this often
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -103,7 +106,7 @@ class Workdir:
     def download(self, rel: str, *, skip: tuple[str, ...] = (), progress: bool = False) -> int:
         """Copy ``rel`` (file or folder) from the root to the local mirror unless already
         there; top-level entries named in ``skip`` are left out. The number of files copied.
-        ``progress``: a line every ``PROGRESS_EVERY_S`` (files, GB, rate, ETA)."""
+        ``progress``: a bar on stderr (files, bytes, rate, ETA)."""
         if not self.remote:
             return 0
         src = self.root / rel
@@ -118,16 +121,15 @@ class Workdir:
                 if parts[0] not in skip
             ]
         pairs = [(s, d) for s, d in pairs if not d.exists()]
-        meter = _Meter([s for s, _ in pairs]) if progress else None
-        copied = 0
-        for s, d in pairs:
-            d.parent.mkdir(parents=True, exist_ok=True)
-            tmp = d.with_name(f"{d.name}.part{os.getpid()}")  # processes may share the disk
-            _copy(s, tmp, meter)
-            tmp.rename(d)
-            self._uploaded[self._key(d)] = _version(d)
-            copied += 1
-        return copied
+        with _progress([s for s, _ in pairs], progress) as bar:
+            for i, (s, d) in enumerate(pairs, 1):
+                d.parent.mkdir(parents=True, exist_ok=True)
+                tmp = d.with_name(f"{d.name}.part{os.getpid()}")  # processes may share the disk
+                _copy(s, tmp, bar)
+                tmp.rename(d)
+                self._uploaded[self._key(d)] = _version(d)
+                _files_done(bar, i, len(pairs))
+        return len(pairs)
 
     def replace_local(self, rel: str) -> None:
         """Remove local ``rel`` (before it is written anew)."""
@@ -138,15 +140,32 @@ class Workdir:
             path.unlink()
 
 
-def _copy(src: Any, dst: Any, meter: _Meter | None = None, chunk: int = 64 << 20) -> None:
+def _copy(src: Any, dst: Any, bar: tqdm | None = None, chunk: int = 64 << 20) -> None:
     """Stream one file (local or bucket) to another, ``chunk`` bytes at a time."""
     with src.open("rb") as fi, dst.open("wb") as fo:
         while block := fi.read(chunk):
             fo.write(block)
-            if meter is not None:
-                meter.add(len(block))
-    if meter is not None:
-        meter.file_done()
+            if bar is not None:
+                bar.update(len(block))
+
+
+def _progress(files: list[Any], enabled: bool) -> tqdm:
+    """A bar on stderr for copying ``files``: bytes, rate, ETA, and the files done (the caller
+    sets them with ``_files_done``)."""
+    if not enabled:
+        return tqdm(disable=True)  # no stat of every (remote) file for a total nobody sees
+    return tqdm(
+        total=sum(_size(f) for f in files),
+        unit="B",
+        unit_scale=True,
+        file=sys.stderr,
+        mininterval=PROGRESS_EVERY_S,
+        postfix=f"0/{len(files)} files",
+    )
+
+
+def _files_done(bar: tqdm, done: int, total: int) -> None:
+    bar.set_postfix_str(f"{done}/{total} files", refresh=False)
 
 
 def _version(local_file: Path) -> tuple[int, int]:
@@ -161,30 +180,6 @@ def _size(path: Any) -> int:
     return int(st.st_size if hasattr(st, "st_size") else st.length)
 
 
-class _Meter:
-    """Progress of a long copy: a line at most every ``PROGRESS_EVERY_S`` seconds."""
-
-    def __init__(self, files: list[Any]):
-        self.files, self.done_files = len(files), 0
-        self.total = sum(_size(f) for f in files)
-        self.done, self.every = 0, PROGRESS_EVERY_S
-        self.t0 = self.last = time.perf_counter()
-
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.every:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            print(f"  {self.done_files}/{self.files} files, {self.done / 1e9:.2f}/"
-                  f"{self.total / 1e9:.2f} GB, {rate / 1e6:.0f} MB/s, ETA {eta:.0f} s",
-                  flush=True)  # fmt: skip
-
-    def file_done(self) -> None:
-        self.done_files += 1
-
-
 def publish(
     local: Path, url: str, *, last: str, skip: tuple[str, ...] = (), progress: bool = True
 ) -> int:
@@ -197,12 +192,14 @@ def publish(
         if p.is_file() and p.name != last and p.relative_to(local).parts[0] not in skip
     )  # fmt: skip
     todo = [f for f in files if not _same_size(f, remote / f.relative_to(local).as_posix())]
-    meter = _Meter(todo) if progress else None
-    for f in [*todo, local / last]:
-        dst = remote / f.relative_to(local).as_posix()
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        _copy(f, dst, meter)
-    return len(todo) + 1
+    send = [*todo, local / last]
+    with _progress(send, progress) as bar:
+        for i, f in enumerate(send, 1):
+            dst = remote / f.relative_to(local).as_posix()
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _copy(f, dst, bar)
+            _files_done(bar, i, len(send))
+    return len(send)
 
 
 def _same_size(local_file: Path, remote: Any) -> bool:

@@ -16,7 +16,7 @@ from transformers import CLIPTextModelWithProjection as HFCLIPProj
 from sdxl_jax.convert import main
 from sdxl_jax.models.clip import CLIPTextConfig
 from sdxl_jax.models.vae import VAEConfig
-from sdxl_jax.weights import formats
+from sdxl_jax.weights import configs, formats
 from tests.models.test_unet import CONFIGS, randomize, reference_unet
 
 # SPEC.md's table, checked there against the diffusers / transformers modules.
@@ -49,16 +49,16 @@ def tiny_pipeline(tmp_path_factory):
     """A tiny SDXL-shaped pipeline saved by diffusers and transformers themselves."""
     root = tmp_path_factory.mktemp("pipe")
     reference_unet(CONFIGS["base"], seed=1).save_pretrained(root / "unet")
-    vae = RefVAE.from_config(VAEConfig.tiny().to_reference())
+    vae = RefVAE.from_config(configs.vae_to_reference(VAEConfig.tiny()))
     randomize(vae, 2)
     vae.save_pretrained(root / "vae")
     torch.manual_seed(0)
-    HFCLIP(HFCLIPConfig(**CLIPTextConfig.tiny().to_reference())).save_pretrained(
+    HFCLIP(HFCLIPConfig(**configs.clip_to_reference(CLIPTextConfig.tiny()))).save_pretrained(
         root / "text_encoder"
     )
-    HFCLIPProj(HFCLIPConfig(**CLIPTextConfig.tiny_bigg().to_reference())).save_pretrained(
-        root / "text_encoder_2"
-    )
+    HFCLIPProj(
+        HFCLIPConfig(**configs.clip_to_reference(CLIPTextConfig.tiny_bigg()))
+    ).save_pretrained(root / "text_encoder_2")
     (root / "tokenizer").mkdir()
     (root / "tokenizer" / "vocab.json").write_text("{}")
     return root

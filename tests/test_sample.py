@@ -225,6 +225,7 @@ def sdxl_configs_only(tmp_path):
     from sdxl_jax.models.clip import CLIPTextConfig
     from sdxl_jax.models.unet import UNetConfig
     from sdxl_jax.models.vae import VAEConfig
+    from sdxl_jax.weights.components import COMPONENTS
 
     configs = {
         "unet": UNetConfig.sdxl_base(),
@@ -234,7 +235,9 @@ def sdxl_configs_only(tmp_path):
     }
     for name, cfg in configs.items():
         (tmp_path / "sdxl" / name).mkdir(parents=True)
-        (tmp_path / "sdxl" / name / "config.json").write_text(json.dumps(cfg.to_reference()))
+        (tmp_path / "sdxl" / name / "config.json").write_text(
+            json.dumps(COMPONENTS[name].to_reference(cfg))
+        )
     return tmp_path / "sdxl"
 
 

@@ -3,6 +3,7 @@ bucket is a gs:// bucket on a local GCS server (tests/gcs.py: the real gcsfs cli
 etils.epath), and a second local folder reached through etils.epath."""
 
 import os
+import re
 import time
 
 import pytest
@@ -74,12 +75,13 @@ def test_fetch_copies_a_bucket_folder_once_and_resumes(gcs_bucket, monkeypatch, 
     for rel, text in files.items():
         (epath.Path(url) / rel).write_text(text)
 
-    monkeypatch.setattr(wl, "PROGRESS_EVERY_S", 0.0)  # a progress line per block
+    monkeypatch.setattr(wl, "PROGRESS_EVERY_S", 0.0)  # the bar redrawn per block
     local = wl.fetch(url)
     assert local == tmp_path / "mirror" / "gs" / url.removeprefix("gs://")
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert f"fetching {url}" in out and "fetched 3 files" in out
-    assert "/3 files, " in out and "0.00/0.00 GB" in out and "ETA" in out
+    # tqdm on stderr: bytes done / total, [elapsed<ETA, rate, files done]
+    assert re.search(r"3\.00k/3\.00k \[\d\d:\d\d<\d\d:\d\d, [\d.]+[kMG]?B/s, 3/3 files\]", err)
     got = {p.relative_to(local).as_posix(): p.read_text() for p in local.rglob("*") if p.is_file()}
     assert got == files
     # fetched: not again, even when the bucket changes

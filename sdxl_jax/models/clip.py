@@ -18,33 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdxl_jax.models import layers
-from sdxl_jax.weights.mapping import NameRules
 
 Dtype = Any
 ACTIVATIONS = ("quick_gelu", "gelu")
-ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
-
-# transformers 5 saves CLIPTextModel without the ``text_model.`` prefix; older files have it, and
-# some carry the ``position_ids`` buffer.
-CLIP_RULES = NameRules(ignore_suffixes=("position_ids",), optional_prefix="text_model.")
-
-# transformers' CLIPTextConfig defaults: what it uses for keys a config.json omits.
-_TRANSFORMERS_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 512,
-    "intermediate_size": 2048,
-    "projection_dim": 512,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 8,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "attention_dropout": 0.0,
-    "dropout": 0.0,
-    "pad_token_id": 1,
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,
-}
 
 
 @dataclass(frozen=True)
@@ -120,75 +96,6 @@ class CLIPTextConfig:
             hidden_act="gelu",
             projection_dim=48,
         )
-
-    @classmethod
-    def from_reference(cls, d: dict[str, Any]) -> CLIPTextConfig:
-        """From a transformers ``config.json`` of a CLIPTextModel(WithProjection)."""
-        arch = d.get("architectures") or []
-        if len(arch) != 1 or arch[0] not in ARCHITECTURES:
-            raise ValueError(
-                f"text encoder config.json has architectures={arch or None}; sdxl_jax implements "
-                f'one of {ARCHITECTURES}. Set "architectures" to the class the weights were '
-                f"saved from."
-            )
-        model_type = d.get("model_type", "clip_text_model")
-        if model_type != "clip_text_model":
-            raise ValueError(
-                f"text encoder config.json has model_type={model_type!r}; expected "
-                f"'clip_text_model' (a full CLIP config? save its text tower on its own)"
-            )
-        d = {**_TRANSFORMERS_DEFAULTS, **d}
-        for key in ("attention_dropout", "dropout"):
-            if d[key]:
-                raise ValueError(
-                    f"text encoder config.json {key}={d[key]}: dropout is not implemented; set it "
-                    f"to 0.0"
-                )
-        eos = d["eos_token_id"]
-        if not isinstance(eos, int) or isinstance(eos, bool):
-            raise ValueError(
-                f"text encoder config.json eos_token_id={eos!r}: need a single integer (2 selects "
-                f"the legacy argmax pooling)"
-            )
-        with_proj = arch[0] == "CLIPTextModelWithProjection"
-        return cls(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_layers=d["num_hidden_layers"],
-            num_heads=d["num_attention_heads"],
-            max_position_embeddings=d["max_position_embeddings"],
-            hidden_act=d["hidden_act"],
-            layer_norm_eps=float(d["layer_norm_eps"]),
-            projection_dim=d["projection_dim"] if with_proj else None,
-            eos_token_id=eos,
-            bos_token_id=d["bos_token_id"],
-            pad_token_id=d["pad_token_id"],
-        )
-
-    def to_reference(self) -> dict[str, Any]:
-        """A transformers ``config.json`` dict (``remat``/``attention_impl`` are ours only)."""
-        with_proj = self.projection_dim is not None
-        return {
-            "architectures": [ARCHITECTURES[with_proj]],
-            "model_type": "clip_text_model",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            # Unused without a projection; the SDXL CLIP-L config.json has hidden_size there too.
-            "projection_dim": self.projection_dim if with_proj else self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": self.hidden_act,
-            "layer_norm_eps": self.layer_norm_eps,
-            "attention_dropout": 0.0,
-            "initializer_range": 0.02,
-            "initializer_factor": 1.0,
-            "eos_token_id": self.eos_token_id,
-            "bos_token_id": self.bos_token_id,
-            "pad_token_id": self.pad_token_id,
-        }
 
 
 @jax.tree_util.register_dataclass

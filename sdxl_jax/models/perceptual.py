@@ -6,20 +6,14 @@ ReLU outputs conv1_2, conv2_2, conv3_3, conv4_3, conv5_3 of VGG16's ``features``
 divides each pixel's feature vector by its L2 norm, and ``w_l >= 0`` are the learned 1x1 heads.
 Inputs are images in [-1, 1], first shifted and scaled by LPIPS' ``ScalingLayer``.
 
-The weights are never random in use: :func:`load_perceptual` reads one .safetensors file with
-torchvision's ``vgg16().features`` keys (``features.N.weight`` / ``.bias``) and the LPIPS heads
-(``lin0.model.1.weight`` ... ``lin4.model.1.weight``, each [1, C, 1, 1]). Such a file, in an
-environment that has both packages' weights::
-
-    sd = {k: v for k, v in torchvision.models.vgg16(weights="IMAGENET1K_V1").state_dict().items()
-          if k.startswith("features.")}
-    sd |= {k: v for k, v in lpips.LPIPS(net="vgg").state_dict().items() if k.startswith("lin")}
-    safetensors.torch.save_file(sd, "lpips_vgg16.safetensors")
+The weights are never random in use: ``load_perceptual`` (in the ``weights`` package, beside the
+other checkpoint readers) reads torchvision's VGG16 and the LPIPS heads from a file and hands them
+to :func:`lpips_from_arrays`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -28,13 +22,10 @@ import numpy as np
 from flax import nnx
 
 from sdxl_jax.models import layers
-from sdxl_jax.weights.safetensors_io import TensorSource
 
 Dtype = Any
 # VGG16 ("D"): conv widths per block; a 2x2 max pool precedes blocks 2..5.
 VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
-# Index of each conv in torchvision's vgg16().features (ReLUs and pools take the others).
-VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 # LPIPS' ScalingLayer: (x - shift) / scale maps [-1, 1] images to ImageNet-normalised ones.
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -97,68 +88,30 @@ def unit_normalise(f: jax.Array) -> jax.Array:
     return f / (norm + NORM_EPS)
 
 
-def expected_keys() -> dict[str, tuple[int, ...]]:
-    """Reference key -> PyTorch shape of every tensor :func:`load_perceptual` reads."""
-    out: dict[str, tuple[int, ...]] = {}
-    cin, j = 3, 0
-    for block in VGG16_BLOCKS:
-        for cout in block:
-            i = VGG16_CONV_INDICES[j]
-            out[f"features.{i}.weight"] = (cout, cin, 3, 3)
-            out[f"features.{i}.bias"] = (cout,)
-            cin, j = cout, j + 1
-    for k, block in enumerate(VGG16_BLOCKS):
-        out[f"lin{k}.model.1.weight"] = (1, block[-1], 1, 1)
-    return out
-
-
-def load_perceptual(
-    path: str | Path,
+def lpips_from_arrays(
+    convs: Sequence[tuple[np.ndarray, np.ndarray]],
+    heads: Sequence[np.ndarray],
     *,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     sharding: jax.sharding.Sharding | None = None,
 ) -> LPIPS:
-    """LPIPS with VGG16 and head weights from a .safetensors file (see the module docstring).
+    """LPIPS with the given weights, each placed with ``sharding`` (default: device 0).
 
-    Every expected key is checked (presence and shape) before anything is read; a problem
-    raises ValueError naming the keys. ``sharding``: where the weights go (default: device 0).
+    ``convs``: VGG16's 13 convs in order, each (kernel [3, 3, C_in, C_out], bias [C_out]);
+    ``heads``: the five linear heads, each [C_l] (LPIPS clamps them >= 0).
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"perceptual weights {path} do not exist: point ae.perceptual_path at a .safetensors "
-            f"file with VGG16 features.* and LPIPS lin*.model.1.weight tensors, or set it to '' "
-            f"to train without the perceptual term"
-        )
-    source = TensorSource.open(path)
-    want = expected_keys()
-    missing = [k for k in want if k not in source]
-    if missing:
-        raise ValueError(
-            f"{path} lacks {len(missing)} of the {len(want)} LPIPS tensors: "
-            f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}. Expected torchvision "
-            f"vgg16().features keys (features.N.weight/bias) and LPIPS heads "
-            f"(lin0.model.1.weight ... lin4.model.1.weight); see sdxl_jax.models.perceptual"
-        )
-    wrong = [f"{k} {source.shape(k)} (want {s})" for k, s in want.items() if source.shape(k) != s]
-    if wrong:
-        raise ValueError(f"{path}: tensors of the wrong shape: {'; '.join(wrong[:4])}")
-    keys = list(want)
-    convs = [keys[2 * j : 2 * j + 2] for j in range(len(VGG16_CONV_INDICES))]
-    heads = keys[2 * len(VGG16_CONV_INDICES) :]
     model = nnx.eval_shape(lambda: LPIPS(rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
-    def put(a: np.ndarray) -> jax.Array:
-        return jax.device_put(np.asarray(a, np.dtype(param_dtype)), sharding)
+    def put(var: nnx.Variable, a: np.ndarray) -> None:
+        if tuple(a.shape) != tuple(var.shape):
+            raise ValueError(f"LPIPS: got a weight of shape {a.shape}, need {tuple(var.shape)}")
+        var.set_value(jax.device_put(np.asarray(a, np.dtype(param_dtype)), sharding))
 
-    for conv, (kw, kb) in zip(model.features, convs, strict=True):
-        conv.kernel.set_value(put(source.read(kw).transpose(2, 3, 1, 0)))  # OIHW -> HWIO
-        conv.bias.set_value(put(source.read(kb)))
-    for k, key in enumerate(heads):
-        w = source.read(key).reshape(-1)
-        if (w < 0).any():
-            raise ValueError(f"{path}: {key} has negative weights; LPIPS heads are clamped >= 0")
-        model.lins[k].set_value(put(w))
+    for conv, (kernel, bias) in zip(model.features, convs, strict=True):
+        put(conv.kernel, kernel)
+        put(conv.bias, bias)
+    for var, w in zip(model.lins, heads, strict=True):
+        put(var, w)
     return model

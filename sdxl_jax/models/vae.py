@@ -8,7 +8,6 @@ more ResNet per level and nearest-neighbour 2x upsampling. GroupNorm eps is 1e-6
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,36 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdxl_jax.models import layers
-from sdxl_jax.weights.mapping import NameRules
 
 Dtype = Any
 EPS = 1e-6
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
-DIFFUSERS_VERSION = "0.42.1"  # the version whose AutoencoderKL this mirrors
-
-VAE_RULES = NameRules(renames=(("to_out", "to_out.0"),))
-
-# AutoencoderKL's constructor defaults: what diffusers uses for keys a config.json omits.
-_DIFFUSERS_DEFAULTS: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D"],
-    "block_out_channels": [64],
-    "layers_per_block": 1,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 32,
-    "scaling_factor": 0.18215,
-    "shift_factor": None,
-    "latents_mean": None,
-    "latents_std": None,
-    "force_upcast": True,
-    "use_quant_conv": True,
-    "use_post_quant_conv": True,
-    "mid_block_add_attention": True,
-}
 
 
 @dataclass(frozen=True)
@@ -98,54 +71,6 @@ class VAEConfig:
     def downscale(self) -> int:
         """Pixels per latent along each side (8 for SDXL)."""
         return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_reference(cls, d: dict[str, Any]) -> VAEConfig:
-        """From a diffusers ``AutoencoderKL`` ``config.json``; refuses what we do not implement."""
-        name = d.get("_class_name", "AutoencoderKL")
-        if name != "AutoencoderKL":
-            raise ValueError(f"VAE config is for {name!r}; sdxl_jax implements only AutoencoderKL")
-        d = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(d) - set(_DIFFUSERS_DEFAULTS))
-        if unknown:
-            raise ValueError(
-                f"VAE config.json has settings sdxl_jax's AutoencoderKL does not implement: "
-                f"{unknown}. Is it a different VAE class, or a newer diffusers? Remove them if "
-                f"they hold diffusers' defaults."
-            )
-        d = {**_DIFFUSERS_DEFAULTS, **d}
-        levels = len(d["block_out_channels"])
-        for key, want in (
-            ("down_block_types", "DownEncoderBlock2D"),
-            ("up_block_types", "UpDecoderBlock2D"),
-        ):
-            types = list(d.pop(key))
-            if types != [want] * levels:
-                raise ValueError(
-                    f"VAE config {key}={types}: only {levels} x {want!r} (one per "
-                    f"block_out_channels entry) is implemented"
-                )
-        if d.pop("act_fn") != "silu":
-            raise ValueError("VAE config act_fn: only 'silu' is implemented")
-        for key in ("block_out_channels", "latents_mean", "latents_std", "sample_size"):
-            if isinstance(d[key], list):
-                d[key] = tuple(d[key])
-        return cls(**d)
-
-    def to_reference(self) -> dict[str, Any]:
-        """A complete diffusers ``config.json`` dict for ``AutoencoderKL``."""
-        d: dict[str, Any] = {
-            "_class_name": "AutoencoderKL",
-            "_diffusers_version": DIFFUSERS_VERSION,
-        }
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            d[f.name] = list(v) if isinstance(v, tuple) else v
-        levels = len(self.block_out_channels)
-        d["down_block_types"] = ["DownEncoderBlock2D"] * levels
-        d["up_block_types"] = ["UpDecoderBlock2D"] * levels
-        d["act_fn"] = "silu"
-        return d
 
 
 class Attention(nnx.Module):

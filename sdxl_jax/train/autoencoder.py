@@ -23,10 +23,10 @@ from sdxl_jax import checkpoint, sharding
 from sdxl_jax import workdir as workdir_lib
 from sdxl_jax.data import buckets, images
 from sdxl_jax.models.discriminator import GAN_LOSSES, DiscriminatorConfig, NLayerDiscriminator
-from sdxl_jax.models.perceptual import load_perceptual
 from sdxl_jax.models.vae import AutoencoderKL, VAEConfig
 from sdxl_jax.train.autoencoder_step import AEGraphs, AEState, AEStepConfig, train_step
 from sdxl_jax.train.state import optimizer_from_config
+from sdxl_jax.weights.perceptual import load_perceptual
 
 VAE_PRESETS = {
     "sdxl": VAEConfig.sdxl,

@@ -46,7 +46,7 @@ from sdxl_jax.train import config as config_lib
 from sdxl_jax.train import state as state_lib
 from sdxl_jax.train import step as step_lib
 from sdxl_jax.train import warm_start
-from sdxl_jax.weights import diffusers_io, formats
+from sdxl_jax.weights import configs, diffusers_io, formats
 
 TINY_FROZEN = "frozen"  # tiny configs: random tiny text encoders, made in the workdir on first use
 ARRAY_KEYS = ("original_size", "crop_coords_top_left", "target_size")
@@ -267,7 +267,7 @@ class DiffusionTask:
     def _stage_unet_config(export: Path) -> UNetConfig | None:
         """The UNet config of a previous stage's export (diffusers config.json), if exported."""
         path = export / "unet" / "config.json"
-        return UNetConfig.from_reference(json.loads(path.read_text())) if path.exists() else None
+        return configs.unet_from_reference(json.loads(path.read_text())) if path.exists() else None
 
     def step(self, state: Any, batch: Mapping[str, jax.Array]) -> tuple[Any, dict]:
         with jax.set_mesh(self.mesh):  # activations stay batch-split (layers.constrain_batch)
@@ -401,7 +401,7 @@ def model_index(refiner: bool) -> dict[str, Any]:
     pipe = "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline"
     index: dict[str, Any] = {
         "_class_name": pipe,
-        "_diffusers_version": vae_lib.DIFFUSERS_VERSION,
+        "_diffusers_version": configs.DIFFUSERS_VERSION,
         "force_zeros_for_empty_prompt": not refiner,
         "scheduler": ["diffusers", "EulerDiscreteScheduler"],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],

@@ -1,45 +1,35 @@
-"""The four SDXL components: which config, module and naming rules each uses.
+"""The four SDXL components: config class, module class, naming rules and config.json translators.
 
-Each model module provides a frozen config dataclass with ``from_reference(dict)`` (a diffusers
-or transformers ``config.json``) and ``to_reference() -> dict``, a module class
-``Module(config, *, rngs, dtype, param_dtype)`` that keeps ``self.config``, and a ``NameRules``.
+Each module class is ``Module(config, *, rngs, dtype, param_dtype)`` and keeps ``self.config``;
+``from_reference`` / ``to_reference`` translate its config to and from the reference library's
+``config.json`` (``configs``), and ``rules`` names its parameters the reference way (``mapping``).
 """
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
-from sdxl_jax.weights.mapping import NameRules
+from sdxl_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdxl_jax.models.unet import UNet2DConditionModel, UNetConfig
+from sdxl_jax.models.vae import AutoencoderKL, VAEConfig
+from sdxl_jax.weights import configs
+from sdxl_jax.weights.mapping import CLIP_RULES, UNET_RULES, VAE_RULES, NameRules
 
 
 @dataclass(frozen=True)
 class Component:
     name: str  # folder name in a diffusers checkpoint
-    module: str  # python module holding the classes
-    config_cls: str
-    model_cls: str
-    rules: str  # NameRules constant in that module
+    config_class: type
+    model_class: type
+    rules: NameRules
     weights_stem: str  # "diffusion_pytorch_model" (diffusers) or "model" (transformers)
-
-    def _get(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self.module), attr)
-
-    @property
-    def config_class(self) -> type:
-        return self._get(self.config_cls)
-
-    @property
-    def model_class(self) -> type:
-        return self._get(self.model_cls)
-
-    def name_rules(self, config: Any) -> NameRules:
-        rules = self._get(self.rules)
-        return rules(config) if callable(rules) else rules
+    from_reference: Callable[[dict[str, Any]], Any]  # config.json dict -> our config
+    to_reference: Callable[[Any], dict[str, Any]]  # our config -> config.json dict
 
     def abstract(self, config: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
         """The module with shapes only: nothing is allocated."""
@@ -49,37 +39,35 @@ class Component:
         )
 
 
+_DIFFUSERS_STEM = "diffusion_pytorch_model"
+_CLIP = dict(
+    config_class=CLIPTextConfig,
+    model_class=CLIPTextModel,
+    rules=CLIP_RULES,
+    weights_stem="model",
+    from_reference=configs.clip_from_reference,
+    to_reference=configs.clip_to_reference,
+)
+
 COMPONENTS: dict[str, Component] = {
     "unet": Component(
         "unet",
-        "sdxl_jax.models.unet",
-        "UNetConfig",
-        "UNet2DConditionModel",
-        "UNET_RULES",
-        "diffusion_pytorch_model",
+        UNetConfig,
+        UNet2DConditionModel,
+        UNET_RULES,
+        _DIFFUSERS_STEM,
+        configs.unet_from_reference,
+        configs.unet_to_reference,
     ),
     "vae": Component(
         "vae",
-        "sdxl_jax.models.vae",
-        "VAEConfig",
-        "AutoencoderKL",
-        "VAE_RULES",
-        "diffusion_pytorch_model",
+        VAEConfig,
+        AutoencoderKL,
+        VAE_RULES,
+        _DIFFUSERS_STEM,
+        configs.vae_from_reference,
+        configs.vae_to_reference,
     ),
-    "text_encoder": Component(
-        "text_encoder",
-        "sdxl_jax.models.clip",
-        "CLIPTextConfig",
-        "CLIPTextModel",
-        "CLIP_RULES",
-        "model",
-    ),
-    "text_encoder_2": Component(
-        "text_encoder_2",
-        "sdxl_jax.models.clip",
-        "CLIPTextConfig",
-        "CLIPTextModel",
-        "CLIP_RULES",
-        "model",
-    ),
+    "text_encoder": Component("text_encoder", **_CLIP),
+    "text_encoder_2": Component("text_encoder_2", **_CLIP),
 }

@@ -61,7 +61,7 @@ def read_config(folder: Path, name: str) -> Any:
     path = folder / name / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{folder} has no {name}/config.json: not a diffusers SDXL folder?")
-    return comp.config_class.from_reference(json.loads(path.read_text()))
+    return comp.from_reference(json.loads(path.read_text()))
 
 
 def load_component(
@@ -80,9 +80,8 @@ def load_component(
     config = read_config(folder, name)
     source = find_weights(folder / name, comp.weights_stem, variant)
     abstract = comp.abstract(config, dtype=dtype, param_dtype=param_dtype)
-    rules = comp.name_rules(config)
     return load_module(
-        abstract, source, rules, component=name, sharding=sharding, progress=progress
+        abstract, source, comp.rules, component=name, sharding=sharding, progress=progress
     )
 
 
@@ -99,10 +98,9 @@ def save_component(
     comp = COMPONENTS[name]
     out = Path(folder) / name
     out.mkdir(parents=True, exist_ok=True)
-    config = module.config
-    cfg = config.to_reference()
+    cfg = comp.to_reference(module.config)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    tensors = export_tensors(module, comp.name_rules(config), np.dtype(dtype) if dtype else None)
+    tensors = export_tensors(module, comp.rules, np.dtype(dtype) if dtype else None)
     write_sharded(
         out, comp.weights_stem, tensors, max_shard_bytes, {"format": "pt"}, progress=progress
     )

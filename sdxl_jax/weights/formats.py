@@ -162,6 +162,6 @@ def describe(path: str | Path) -> dict[str, Any]:
                 add(name, source, [k])
         if other:
             add("(other)", source, other)
-        result["metadata"] = source._where[source.keys()[0]].metadata if source.keys() else {}
+        result["metadata"] = source.metadata
     result["components"] = comps
     return result

@@ -33,6 +33,17 @@ class NameRules:
     optional_prefix: str = ""
 
 
+# diffusers' UNet2DConditionModel: ``to_out`` is a ModuleList (Linear, Dropout), the feed-forward
+# a GEGLU projection, a Dropout and the output Linear.
+UNET_RULES = NameRules(
+    renames=(("to_out", "to_out.0"), ("ff.proj", "ff.net.0.proj"), ("ff.out", "ff.net.2")),
+)
+VAE_RULES = NameRules(renames=(("to_out", "to_out.0"),))
+# transformers 5 saves CLIPTextModel without the ``text_model.`` prefix; older files have it, and
+# some carry the ``position_ids`` buffer.
+CLIP_RULES = NameRules(ignore_suffixes=("position_ids",), optional_prefix="text_model.")
+
+
 @dataclass(frozen=True)
 class ParamEntry:
     """One of our parameters and the reference tensor(s) it corresponds to."""

@@ -1,10 +1,15 @@
 """Streaming safetensors reading and writing, one tensor at a time.
 
-Our own reader rather than ``safetensors.safe_open`` so that bf16 arrives as ``ml_dtypes.bfloat16``
-without torch, and so a tensor is read with one ``pread`` into a buffer we own: loading a
-checkpoint never holds more than the tensor in flight beyond the parameters being built.
-Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
-then the raw little-endian data.
+Reading goes through ``safetensors.safe_open`` (numpy, ``pread`` backend): keys, shapes and dtypes
+come from the header alone, and a tensor is read into a buffer of its own only when asked for, so
+loading a checkpoint never holds more than the tensor in flight beyond the parameters being built.
+(The default ``mmap`` backend would keep every page read resident until the file is closed: a
+whole shard on top of the parameters.) bf16 arrives as ``ml_dtypes.bfloat16``. safetensors' numpy
+reader knows no float8, so F8 tensors are read here, at the offset the header implies.
+
+Writing is ours: ``safetensors.numpy.save_file`` needs every tensor in memory at once, while
+``write_safetensors`` produces each tensor just before writing it. Format: 8-byte little-endian
+header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian data.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
+import ml_dtypes  # registers bfloat16 with numpy: safe_open's bf16 tensors need it
 import numpy as np
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 DTYPES: dict[str, np.dtype] = {
@@ -35,7 +41,7 @@ DTYPES: dict[str, np.dtype] = {
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 NAMES = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+_NO_NUMPY_NAME = ("F8_E4M3", "F8_E5M2")  # safe_open's numpy reader lacks them
 
 
 @dataclass(frozen=True)
@@ -51,35 +57,36 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        try:
+            # Checks the header: JSON, known dtypes, offsets contiguous and covering the file.
+            self._file = safe_open(self.path, framework="numpy", backend="pread")
+        except SafetensorError as e:
+            raise ValueError(f"{self.path}: not a safetensors file, or truncated ({e})") from None
+        self.metadata: dict[str, str] = self._file.metadata() or {}
         with open(self.path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > _MAX_HEADER:
-                raise ValueError(f"{self.path}: not a safetensors file (header length {n})")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{self.path}: not a safetensors file ({e})") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        base = 8 + n
+            (n,) = struct.unpack("<Q", f.read(8))
+        offset = 8 + n  # the data follows the header, tensor after tensor
         self.tensors: dict[str, TensorInfo] = {}
-        for key, entry in header.items():
-            if entry["dtype"] not in DTYPES:
-                raise ValueError(
-                    f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}"
-                )
-            begin, end = entry["data_offsets"]
-            self.tensors[key] = TensorInfo(
-                DTYPES[entry["dtype"]], tuple(entry["shape"]), base + begin, end - begin
-            )
+        for key in self._file.offset_keys():
+            view = self._file.get_slice(key)
+            code = view.get_dtype()
+            if code not in DTYPES:
+                raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {code}")
+            shape = tuple(view.get_shape())
+            nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
+            self.tensors[key] = TensorInfo(DTYPES[code], shape, offset, nbytes)
+            offset += nbytes
 
     def keys(self) -> list[str]:
         return list(self.tensors)
 
     def read(self, key: str) -> np.ndarray:
         info = self.tensors[key]
+        if NAMES[info.dtype] not in _NO_NUMPY_NAME:
+            try:
+                return self._file.get_tensor(key)
+            except SafetensorError as e:
+                raise ValueError(f"{self.path}: tensor {key!r} cannot be read ({e})") from None
         count = int(np.prod(info.shape, dtype=np.int64))
         arr = np.fromfile(self.path, dtype=info.dtype, count=count, offset=info.offset)
         if arr.size != count:
@@ -200,6 +207,11 @@ class TensorSource:
             names = sorted(set(index["weight_map"].values()))
             return cls([SafetensorsFile(path.parent / n) for n in names], str(path))
         return cls([SafetensorsFile(path)], str(path))
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of the file holding the first tensor (``{}`` if none)."""
+        return self._where[next(iter(self._where))].metadata if self._where else {}
 
     def keys(self) -> list[str]:
         return list(self._where)

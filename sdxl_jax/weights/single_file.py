@@ -201,7 +201,7 @@ def load_single_file(
         comp = COMPONENTS[name]
         config = (configs or {}).get(name) or layout.config(name)
         abstract = comp.abstract(config, dtype=dtype, param_dtype=param_dtype)
-        rules = comp.name_rules(config)
+        rules = comp.rules
         keys = [k for e in param_entries(abstract, rules) for k in e.keys]
         source = SgmSource(file, name, layout.prefixes[name], config, keys)
         out[name] = load_module(
@@ -223,7 +223,7 @@ def single_file_tensors(models: dict[str, nnx.Module], dtype: Any = None) -> dic
     for name, module in models.items():
         config = module.config
         mapper = sgm_mapper(name)
-        tensors = export_tensors(module, COMPONENTS[name].name_rules(config), dtype)
+        tensors = export_tensors(module, COMPONENTS[name].rules, dtype)
         groups: dict[str, list[tuple[SgmTensor, TensorSpec]]] = {}
         for key, spec in tensors.items():
             t = mapper(key, config)

@@ -18,10 +18,11 @@ import transformers
 from flax import nnx
 from safetensors.torch import save_file
 
-from sdxl_jax.models.clip import CLIP_RULES, CLIPTextConfig, CLIPTextModel
+from sdxl_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdxl_jax.weights import configs
 from sdxl_jax.weights.components import COMPONENTS
 from sdxl_jax.weights.diffusers_io import load_component, save_component
-from sdxl_jax.weights.mapping import count_params, param_entries
+from sdxl_jax.weights.mapping import CLIP_RULES, count_params, param_entries
 from sdxl_jax.weights.single_file import load_single_file
 
 TOL = 1e-4
@@ -36,7 +37,7 @@ def rel_err(ours, ref) -> float:
 
 
 def hf_config(**kw) -> transformers.CLIPTextConfig:
-    """Spelled out independently of CLIPTextConfig.to_reference, as SDXL's config.json files are."""
+    """Spelled out independently of configs.clip_to_reference, as SDXL's config.json files are."""
     base = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -193,7 +194,9 @@ def test_full_presets_param_counts_and_keys(preset, ref_cls, params):
     abstract = COMPONENTS["text_encoder"].abstract(cfg)
     assert count_params(abstract) == params  # SPEC "Parameter counts"
     with torch.device("meta"):
-        ref = getattr(transformers, ref_cls)(transformers.CLIPTextConfig(**cfg.to_reference()))
+        ref = getattr(transformers, ref_cls)(
+            transformers.CLIPTextConfig(**configs.clip_to_reference(cfg))
+        )
     assert sum(p.numel() for p in ref.parameters()) == params
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items() if "position_ids" not in k}
     if ref_cls == "CLIPTextModel":
@@ -251,8 +254,8 @@ def test_save_load_round_trip_and_transformers_reads_export(tmp_path, preset):
 )  # fmt: skip
 def test_config_reference_round_trip(preset):
     cfg = preset()
-    d = cfg.to_reference()
-    assert CLIPTextConfig.from_reference(json.loads(json.dumps(d))) == cfg
+    d = configs.clip_to_reference(cfg)
+    assert configs.clip_from_reference(json.loads(json.dumps(d))) == cfg
     # transformers accepts it as is.
     transformers.CLIPTextConfig(**d)
 
@@ -273,8 +276,8 @@ def test_sdxl_config_json_files():
         "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
         "num_hidden_layers": 32, "projection_dim": 1280,
     }  # fmt: skip
-    assert CLIPTextConfig.from_reference(te) == CLIPTextConfig.clip_l()
-    assert CLIPTextConfig.from_reference(te2) == CLIPTextConfig.open_clip_bigg()
+    assert configs.clip_from_reference(te) == CLIPTextConfig.clip_l()
+    assert configs.clip_from_reference(te2) == CLIPTextConfig.open_clip_bigg()
 
 
 @pytest.mark.parametrize(
@@ -290,9 +293,9 @@ def test_sdxl_config_json_files():
     ],
 )
 def test_from_reference_rejects_unsupported(change, match):
-    d = {**CLIPTextConfig.tiny().to_reference(), **change}
+    d = {**configs.clip_to_reference(CLIPTextConfig.tiny()), **change}
     with pytest.raises(ValueError, match=match):
-        CLIPTextConfig.from_reference(d)
+        configs.clip_from_reference(d)
 
 
 def test_remat_gives_same_values_and_gradients():

@@ -15,7 +15,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from sdxl_jax.models.perceptual import expected_keys, load_perceptual
+from sdxl_jax.weights.perceptual import expected_keys, load_perceptual
 
 WIDTHS = (64, 128, 256, 512, 512)
 # torchvision features index after which each LPIPS layer is read (relu1_2 ... relu5_3).

@@ -12,6 +12,7 @@ import torch
 from diffusers import UNet2DConditionModel as RefUNet
 
 from sdxl_jax.models.unet import UNetConfig
+from sdxl_jax.weights import configs
 from sdxl_jax.weights.components import COMPONENTS
 from sdxl_jax.weights.diffusers_io import load_component, save_component
 from sdxl_jax.weights.mapping import count_params, param_entries
@@ -55,7 +56,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def reference_unet(cfg: UNetConfig, seed: int = 0) -> RefUNet:
-    ref = RefUNet.from_config(cfg.to_reference())
+    ref = RefUNet.from_config(configs.unet_to_reference(cfg))
     randomize(ref, seed)
     return ref.eval()
 
@@ -122,11 +123,11 @@ def test_full_size_counts_and_keys_match_diffusers():
         abstract = COMPONENTS["unet"].abstract(cfg)
         assert count_params(abstract) == expected
         with torch.device("meta"):
-            ref = RefUNet.from_config(cfg.to_reference())
+            ref = RefUNet.from_config(configs.unet_to_reference(cfg))
         ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
         ours = {
             k: e.ref_shape
-            for e in param_entries(abstract, COMPONENTS["unet"].name_rules(cfg))
+            for e in param_entries(abstract, COMPONENTS["unet"].rules)
             for k in e.keys
         }
         assert ours == ref_shapes
@@ -135,7 +136,10 @@ def test_full_size_counts_and_keys_match_diffusers():
 
 def test_config_round_trip():
     for cfg in [*CONFIGS.values(), UNetConfig.sdxl_base(), UNetConfig.sdxl_refiner()]:
-        assert UNetConfig.from_reference(json.loads(json.dumps(cfg.to_reference()))) == cfg
+        assert (
+            configs.unet_from_reference(json.loads(json.dumps(configs.unet_to_reference(cfg))))
+            == cfg
+        )
 
 
 def test_export_is_bit_exact_and_opens_in_diffusers(tmp_path):
@@ -167,7 +171,7 @@ def test_refiner_weights_into_base_config_name_the_key(tmp_path):
     base, refiner = CONFIGS["base"], CONFIGS["refiner"]
     reference_unet(refiner).save_pretrained(tmp_path / "unet")
     # Force the base config onto refiner weights: the error names a key and both shapes.
-    (tmp_path / "unet" / "config.json").write_text(json.dumps(base.to_reference()))
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(configs.unet_to_reference(base)))
     with pytest.raises(
         ValueError,
         match=r"unet: 'add_embedding.linear_1.bias' has shape \(64,\) in .*expected \(128,\)",
@@ -200,14 +204,14 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
 def test_pickle_checkpoints_are_refused(tmp_path):
     cfg = CONFIGS["base"]
     (tmp_path / "unet").mkdir()
-    (tmp_path / "unet" / "config.json").write_text(json.dumps(cfg.to_reference()))
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(configs.unet_to_reference(cfg)))
     torch.save({"x": torch.zeros(1)}, tmp_path / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(ValueError, match="pickle.*can run arbitrary code.*safetensors"):
         load_component(tmp_path, "unet")
 
 
 def test_unsupported_config_fails_clearly():
-    d = CONFIGS["base"].to_reference()
+    d = configs.unet_to_reference(CONFIGS["base"])
     d["resnet_time_scale_shift"] = "scale_shift"
     with pytest.raises(ValueError, match="resnet_time_scale_shift='scale_shift' is not supported"):
-        UNetConfig.from_reference(d)
+        configs.unet_from_reference(d)

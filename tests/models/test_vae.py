@@ -17,15 +17,15 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from flax import nnx
 
 from sdxl_jax.models.vae import (
-    VAE_RULES,
     AutoencoderKL,
     VAEConfig,
     from_diffusion_latents,
     to_diffusion_latents,
 )
+from sdxl_jax.weights import configs
 from sdxl_jax.weights.components import COMPONENTS
 from sdxl_jax.weights.diffusers_io import load_component, save_component
-from sdxl_jax.weights.mapping import count_params, param_entries
+from sdxl_jax.weights.mapping import VAE_RULES, count_params, param_entries
 
 RTOL = 1e-4
 # Same structure as SDXL's VAE at a small size: three levels, a channel change (shortcut convs),
@@ -197,16 +197,16 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     ],
 )
 def test_config_round_trip(config):
-    d = config.to_reference()
-    assert VAEConfig.from_reference(d) == config
+    d = configs.vae_to_reference(config)
+    assert configs.vae_from_reference(d) == config
     # diffusers accepts the dict and reads back the same settings.
     with torch.device("meta"):
         ref = TorchAutoencoderKL.from_config(d)
-    assert VAEConfig.from_reference(dict(ref.config)) == config
+    assert configs.vae_from_reference(dict(ref.config)) == config
 
 
 def test_published_sdxl_config_is_the_sdxl_preset():
-    assert VAEConfig.from_reference(SDXL_VAE_JSON) == VAEConfig.sdxl()
+    assert configs.vae_from_reference(SDXL_VAE_JSON) == VAEConfig.sdxl()
 
 
 @pytest.mark.parametrize(
@@ -225,7 +225,7 @@ def test_published_sdxl_config_is_the_sdxl_preset():
 )
 def test_rejects_what_is_not_implemented(change, message):
     with pytest.raises(ValueError, match=message):
-        VAEConfig.from_reference({**SDXL_VAE_JSON, **change})
+        configs.vae_from_reference({**SDXL_VAE_JSON, **change})
 
 
 def test_latent_scaling_follows_diffusers_pipelines():

@@ -9,9 +9,10 @@ import torch
 import transformers
 from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
-from sdxl_jax.models.clip import CLIP_RULES, CLIPTextConfig
+from sdxl_jax.models.clip import CLIPTextConfig
+from sdxl_jax.weights import configs
 from sdxl_jax.weights.components import COMPONENTS
-from sdxl_jax.weights.mapping import param_entries
+from sdxl_jax.weights.mapping import CLIP_RULES, param_entries
 from sdxl_jax.weights.sgm_clip import sgm_name, sgm_name_hf, sgm_name_openclip
 
 PREFIX = "conditioner.embedders.1.model."
@@ -42,7 +43,9 @@ def test_openclip_names_match_diffusers_converter():
     """diffusers' own OpenCLIP -> transformers conversion undoes our mapping exactly."""
     cfg = CLIPTextConfig.tiny_bigg()
     torch.manual_seed(0)
-    hf = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**cfg.to_reference()))
+    hf = transformers.CLIPTextModelWithProjection(
+        transformers.CLIPTextConfig(**configs.clip_to_reference(cfg))
+    )
     state = {k: v for k, v in hf.state_dict().items() if not k.endswith("position_ids")}
     assert sorted(state) == sorted(ref_keys(cfg))
 

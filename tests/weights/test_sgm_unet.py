@@ -7,6 +7,7 @@ from diffusers import UNet2DConditionModel as RefUNet
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from sdxl_jax.models.unet import UNetConfig
+from sdxl_jax.weights import configs
 from sdxl_jax.weights.components import COMPONENTS
 from sdxl_jax.weights.mapping import param_entries
 from sdxl_jax.weights.sgm_unet import sgm_name
@@ -17,11 +18,11 @@ from tests.models.test_unet import CONFIGS, inputs, reference_unet
 @pytest.mark.parametrize("name", ["base", "refiner", "gap"])
 def test_diffusers_converter_inverts_our_mapping(name):
     cfg = CONFIGS[name]
-    ref = RefUNet.from_config(cfg.to_reference())
+    ref = RefUNet.from_config(configs.unet_to_reference(cfg))
     sd = ref.state_dict()
     sgm = {"model.diffusion_model." + sgm_name(k, cfg).key: v for k, v in sd.items()}
     assert len(sgm) == len(sd)  # injective
-    back = convert_ldm_unet_checkpoint(sgm, cfg.to_reference())
+    back = convert_ldm_unet_checkpoint(sgm, configs.unet_to_reference(cfg))
     assert back.keys() == sd.keys()
     for k in sd:
         assert torch.equal(back[k], sd[k]), k
@@ -30,9 +31,7 @@ def test_diffusers_converter_inverts_our_mapping(name):
 def test_mapping_is_injective_at_full_size():
     for cfg in [UNetConfig.sdxl_base(), UNetConfig.sdxl_refiner()]:
         abstract = COMPONENTS["unet"].abstract(cfg)
-        keys = [
-            k for e in param_entries(abstract, COMPONENTS["unet"].name_rules(cfg)) for k in e.keys
-        ]
+        keys = [k for e in param_entries(abstract, COMPONENTS["unet"].rules) for k in e.keys]
         names = {sgm_name(k, cfg).key for k in keys}
         assert len(names) == len(keys)
         # Landmarks of the real sgm layouts.

@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from sdxl_jax.models.vae import VAEConfig
+from sdxl_jax.weights import configs
 from sdxl_jax.weights.sgm_vae import sgm_name
 
 PREFIX = "first_stage_model."
@@ -28,7 +29,7 @@ def test_diffusers_converter_inverts_our_mapping(levels):
         block_out_channels=(16, 32, 32)[:levels], layers_per_block=2, norm_num_groups=8
     )
     torch.manual_seed(0)
-    ref = TorchAutoencoderKL.from_config(config.to_reference())
+    ref = TorchAutoencoderKL.from_config(configs.vae_to_reference(config))
     state = {k: torch.randn_like(v) for k, v in ref.state_dict().items()}  # every tensor distinct
     sgm = to_sgm(state, config)
     assert any(t.shape[-2:] == (1, 1) for k, t in sgm.items() if ".attn_1.q." in k)
@@ -42,7 +43,7 @@ def test_diffusers_converter_inverts_our_mapping(levels):
 def test_mapping_is_injective_on_the_sdxl_vae():
     config = VAEConfig.sdxl()
     with torch.device("meta"):
-        ref = TorchAutoencoderKL.from_config(config.to_reference())
+        ref = TorchAutoencoderKL.from_config(configs.vae_to_reference(config))
     names = [sgm_name(k, config).key for k in ref.state_dict()]
     assert len(names) == len(set(names)) == 248
     assert sgm_name("decoder.up_blocks.0.resnets.1.conv1.weight", config).key == (
