@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from sdxl_jax.models.clip import CLIPTextConfig
-from sdxl_jax.weights.single_file import SgmTensor
+from sdxl_jax.weights.sgm_tensor import SgmTensor
 
 _LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)")
 _LAYER_PARAMS = frozenset(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from sdxl_jax.models.unet import UNetConfig
-from sdxl_jax.weights.single_file import SgmTensor
+from sdxl_jax.weights.sgm_tensor import SgmTensor
 
 _RESNET = {
     "norm1": "in_layers.0",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from sdxl_jax.models.vae import VAEConfig
-from sdxl_jax.weights.single_file import SgmTensor
+from sdxl_jax.weights.sgm_tensor import SgmTensor
 
 _RESNET_PARTS = {
     "norm1": "norm1",

@@ -2,12 +2,12 @@
 
 Each component's key mapping lives in its own module (``sgm_unet``, ``sgm_vae``, ``sgm_clip``) as a
 function ``sgm_name(ref_key, config) -> SgmTensor`` from the reference (diffusers/transformers)
-key to where the tensor lives in the single file, relative to the component's prefix.
+key to where the tensor lives in the single file (``sgm_tensor.SgmTensor``), relative to the
+component's prefix.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,24 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sdxl_jax.weights import sgm_clip, sgm_unet, sgm_vae
 from sdxl_jax.weights.components import COMPONENTS
 from sdxl_jax.weights.loader import ShardingFn, export_tensors, load_module
 from sdxl_jax.weights.mapping import param_entries
 from sdxl_jax.weights.safetensors_io import TensorSource, TensorSpec, write_safetensors
-
-
-@dataclass(frozen=True)
-class SgmTensor:
-    """Where a reference tensor lives in a single-file checkpoint."""
-
-    key: str  # key in the file, without the component's prefix
-    # part >= 0: the reference tensor is chunk ``part`` of ``parts`` equal chunks along dim 0 of
-    # ``key`` (OpenCLIP stores q, k, v stacked in ``attn.in_proj_weight``).
-    part: int = -1
-    parts: int = 1
-    squeeze: bool = False  # file holds [C, C, 1, 1] (a 1x1 conv) where the reference has [C, C]
-    transpose: bool = False  # file holds the transpose (OpenCLIP ``text_projection``)
-
+from sdxl_jax.weights.sgm_tensor import SgmTensor
 
 # -- layouts -------------------------------------------------------------------------------------
 
@@ -50,18 +38,14 @@ IGNORED = ("position_ids", "logit_scale", "attn_mask")
 IGNORED_PREFIXES = ("denoiser.", "model_ema.", "cond_stage_model.")
 
 
-def _mapper(name: str) -> tuple[str, str]:
-    return {
-        "unet": ("sdxl_jax.weights.sgm_unet", "sgm_name"),
-        "vae": ("sdxl_jax.weights.sgm_vae", "sgm_name"),
-        "text_encoder": ("sdxl_jax.weights.sgm_clip", "sgm_name_hf"),
-        "text_encoder_2": ("sdxl_jax.weights.sgm_clip", "sgm_name_openclip"),
-    }[name]
-
-
 def sgm_mapper(name: str) -> Callable[[str, Any], SgmTensor]:
-    module, fn = _mapper(name)
-    return getattr(importlib.import_module(module), fn)
+    """Component ``name``'s map from reference keys to where they live in a single file."""
+    return {
+        "unet": sgm_unet.sgm_name,
+        "vae": sgm_vae.sgm_name,
+        "text_encoder": sgm_clip.sgm_name_hf,
+        "text_encoder_2": sgm_clip.sgm_name_openclip,
+    }[name]
 
 
 @dataclass(frozen=True)
