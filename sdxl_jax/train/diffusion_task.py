@@ -46,9 +46,9 @@ from sdxl_jax.train import config as config_lib
 from sdxl_jax.train import state as state_lib
 from sdxl_jax.train import step as step_lib
 from sdxl_jax.train import warm_start
+from sdxl_jax.train.tiny_frozen import TINY_FROZEN, build_tiny_frozen
 from sdxl_jax.weights import diffusers_io, formats
 
-TINY_FROZEN = "frozen"  # tiny configs: random tiny text encoders, made in the workdir on first use
 ARRAY_KEYS = ("original_size", "crop_coords_top_left", "target_size")
 CACHE_KEYS = ("latent_mean", "latent_logvar", "context", "pooled")
 
@@ -84,8 +84,6 @@ def frozen_sources(config: Any, workdir: Path) -> tuple[Path, Path]:
         )
     ckpt = resolve(source, workdir)
     if source == TINY_FROZEN:
-        from sdxl_jax.train.curriculum import build_tiny_frozen
-
         distributed.lead_first(f"frozen {ckpt}", ckpt.exists, lambda: build_tiny_frozen(ckpt))
     if not ckpt.exists():
         raise FileNotFoundError(f"model.checkpoint {ckpt} does not exist")
