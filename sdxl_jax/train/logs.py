@@ -13,14 +13,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto.event_pb2 import Event
-from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
-from tensorboardX.proto.tensor_pb2 import TensorProto
-from tensorboardX.proto.tensor_shape_pb2 import TensorShapeProto
+
+if TYPE_CHECKING:
+    from tensorboardX.proto.summary_pb2 import Summary
+
+# tensorboardX is imported where an event file is written (process 0): importing the package
+# imports torch when it is installed (seconds, hundreds of MB), which the other processes and
+# the rest of this module do not need.
 
 # --- writers ----------------------------------------------------------------------------------
 
@@ -35,6 +38,8 @@ class EventWriter:
     """
 
     def __init__(self, logdir: str | Path, *, flush_every: int = 50, flush_secs: float = 10.0):
+        from tensorboardX.event_file_writer import EventsWriter
+
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         host, pid = socket.gethostname(), os.getpid()
@@ -55,6 +60,9 @@ class EventWriter:
         )
 
     def _write(self, step: int, value: Summary.Value, wall_time: float | None = None) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
         wall = time.time() if wall_time is None else float(wall_time)
         self._events.write_event(
             Event(wall_time=wall, step=int(step), summary=Summary(value=[value]))
@@ -70,10 +78,14 @@ class EventWriter:
 
     def scalar(self, tag: str, value: float, step: int, wall_time: float | None = None) -> None:
         """A float32 ``simple_value`` (non-finite values are kept: TensorBoard shows them)."""
+        from tensorboardX.proto.summary_pb2 import Summary
+
         self._write(step, Summary.Value(tag=tag, simple_value=float(value)), wall_time)
 
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         """A uint8 image, [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], stored as PNG."""
+        from tensorboardX.proto.summary_pb2 import Summary
+
         img = np.asarray(image)
         if img.ndim == 3 and img.shape[-1] == 1:
             img = img[..., 0]
@@ -95,6 +107,10 @@ class EventWriter:
 
     def text(self, tag: str, text: str, step: int) -> None:
         """Markdown text for TensorBoard's text plugin (a scalar string tensor)."""
+        from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboardX.proto.tensor_pb2 import TensorProto
+        from tensorboardX.proto.tensor_shape_pb2 import TensorShapeProto
+
         metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
         tensor = TensorProto(
             dtype="DT_STRING", tensor_shape=TensorShapeProto(), string_val=[text.encode()]
