@@ -94,27 +94,36 @@ def drop_text(
     return context * keep[:, None, None], pooled * keep[:, None]
 
 
+def _namespace(*values: Any) -> Any:
+    """jax.numpy when any value is a jax array (traced in a train step), else numpy."""
+    return jnp if any(isinstance(v, jax.Array) for v in values) else np
+
+
 def base_time_ids(
-    original_size: Sequence[int] | np.ndarray,
-    crop_top_left: Sequence[int] | np.ndarray,
-    target_size: Sequence[int] | np.ndarray,
-) -> np.ndarray:
-    """[..., 6] float32: original (h, w), crop (top, left), target (h, w)."""
-    parts = np.broadcast_arrays(
-        np.asarray(original_size, np.float32),
-        np.asarray(crop_top_left, np.float32),
-        np.asarray(target_size, np.float32),
+    original_size: Sequence[int] | np.ndarray | jax.Array,
+    crop_top_left: Sequence[int] | np.ndarray | jax.Array,
+    target_size: Sequence[int] | np.ndarray | jax.Array,
+) -> np.ndarray | jax.Array:
+    """[..., 6] float32: original (h, w), crop (top, left), target (h, w). numpy in, numpy out;
+    jax arrays in (the train step), jax out."""
+    xp = _namespace(original_size, crop_top_left, target_size)
+    parts = xp.broadcast_arrays(
+        xp.asarray(original_size, xp.float32),
+        xp.asarray(crop_top_left, xp.float32),
+        xp.asarray(target_size, xp.float32),
     )
-    return np.concatenate(parts, axis=-1)
+    return xp.concatenate(parts, axis=-1)
 
 
 def refiner_time_ids(
-    original_size: Sequence[int] | np.ndarray,
-    crop_top_left: Sequence[int] | np.ndarray,
-    aesthetic_score: float | np.ndarray,
-) -> np.ndarray:
-    """[..., 5] float32: original (h, w), crop (top, left), aesthetic score."""
-    size = np.asarray(original_size, np.float32)
-    crop = np.broadcast_to(np.asarray(crop_top_left, np.float32), size.shape)
-    score = np.broadcast_to(np.asarray(aesthetic_score, np.float32), size.shape[:-1])[..., None]
-    return np.concatenate([size, crop, score], axis=-1)
+    original_size: Sequence[int] | np.ndarray | jax.Array,
+    crop_top_left: Sequence[int] | np.ndarray | jax.Array,
+    aesthetic_score: float | np.ndarray | jax.Array = AESTHETIC_SCORE,
+) -> np.ndarray | jax.Array:
+    """[..., 5] float32: original (h, w), crop (top, left), aesthetic score (one per row).
+    numpy in, numpy out; jax arrays in (the train step), jax out."""
+    xp = _namespace(original_size, crop_top_left, aesthetic_score)
+    size = xp.asarray(original_size, xp.float32)
+    crop = xp.broadcast_to(xp.asarray(crop_top_left, xp.float32), size.shape)
+    score = xp.broadcast_to(xp.asarray(aesthetic_score, xp.float32), size.shape[:-1])[..., None]
+    return xp.concatenate([size, crop, score], axis=-1)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -147,18 +146,6 @@ class Stage:
     def lowered_latent(self) -> tuple[int, int]:
         h, w = self.lowered_bucket
         return h // self.vae_factor, w // self.vae_factor
-
-
-def load_config(spec: str) -> Any:
-    """``path.py[:arg]`` -> the module's ``get_config(arg)``, as ``python -m sdxl_jax.train``
-    reads ``--config`` (run from the repository root: configs import ``experiments.common``)."""
-    path, _, arg = spec.partition(":")
-    if not Path(path).is_file():
-        raise ValueError(f"--config {path}: no such file; use experiments/<stage>.py[:arg]")
-    module_spec = importlib.util.spec_from_file_location(f"plan_config_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -496,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs = [f"experiments/{s}.py" for s in CURRICULUM] if args.curriculum else [args.config]
         stages = [
             stage_from_config(
-                load_config(s), args.chips, batch=args.batch, steps=args.steps, mesh=mesh
+                config_lib.load(s), args.chips, batch=args.batch, steps=args.steps, mesh=mesh
             )
             for s in specs
         ]

@@ -6,7 +6,11 @@
   python -m sdxl_jax.train            # the whole tiny curriculum on CPU, then its scores
 
 The config is locked: a misspelt ``--config.key`` fails before anything runs. Rerunning a command
-resumes from its stage's latest checkpoint. See ``--helpfull`` for every flag.
+resumes from its stage's latest checkpoint. See ``--helpfull`` for every flag. A path
+``experiments/<stage>.py`` is found in the installed package when the current directory has none.
+
+The terminal shows the progress and warnings; ``-v 0`` (absl's ``--verbosity``) or
+``SDXL_VERBOSE=1`` adds the libraries' INFO logs (orbax's checkpointing, jax's backends).
 
 Many hosts run the same command as one JAX program (``sdxl_jax/distributed.py``): a Cloud TPU
 pod and SLURM ``srun`` are detected; anywhere else pass ``--coordinator HOST:PORT
@@ -16,11 +20,15 @@ pod and SLURM ``srun`` are detected; anywhere else pass ``--coordinator HOST:POR
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from typing import Any
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -29,6 +37,21 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Override fields with --config.key=value. Omitted: the tiny curriculum on CPU.",
     lock_config=True,
 )
+
+
+class _StageConfigParser(ConfigFileFlagParser):
+    """``--config path.py[:arg]`` with the path found by ``sdxl_jax.train.config.config_file``
+    (the installed ``experiments`` package when the current directory has no such file)."""
+
+    def parse(self, path: str) -> Any:
+        from sdxl_jax.train import config as config_lib
+
+        file, sep, arg = path.partition(":")
+        return super().parse(str(config_lib.config_file(file)) + sep + arg)
+
+
+flags.FLAGS["config"].parser = _StageConfigParser(name="config", lock_config=True)
+
 _WORKDIR = flags.DEFINE_string(
     "workdir",
     None,
@@ -67,9 +90,20 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_string(
 )
 
 
+def quiet_logs() -> None:
+    """Warnings and errors only from absl (orbax logs through it), orbax and jax, unless
+    ``--verbosity`` / ``-v`` was given or ``SDXL_VERBOSE=1``."""
+    if flags.FLAGS["verbosity"].present or os.environ.get("SDXL_VERBOSE", "0") not in ("", "0"):
+        return
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("absl", "orbax", "jax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_logs()
     from sdxl_jax import distributed
 
     try:  # before anything touches a device

@@ -141,20 +141,38 @@ class AutoencoderTask:
 
     def __init__(self, config: Any, mesh: jax.sharding.Mesh):
         validate(config, mesh.size)
-        self.config, self.mesh, ae = config, mesh, config.ae
-        self.vae_config = vae_preset(config.model.preset)
+        self.config, self.mesh = config, mesh
         self.init_kind, self.init_path = _init_source(config.init_from)
-        if self.init_kind in ("diffusers", "file"):  # fine-tuning: the checkpoint's architecture
-            from sdxl_jax.inference.checkpoints import check_vae
+        self.vae_config = self._vae_config()
+        self.cfg = self._step_config()
+        params, disc = self._models()
+        self.optimizer = optimizer_from_config(config.optim)
+        self.disc_optimizer = optimizer_from_config(
+            config.optim, lr=config.ae.disc_lr, weight_decay=0.0
+        )
+        self._abstract = jax.eval_shape(self._fresh, params, disc)
+        self.shardings = sharding.tree_shardings(self._abstract, mesh)
+        self._jit()
+        self._images: dict[str, np.ndarray | None] = {}
 
-            found, arch = check_vae(self.init_path), lambda c: [getattr(c, f) for f in ARCH_FIELDS]
-            if arch(found) != arch(self.vae_config):
-                print(
-                    f"autoencoder: init_from's VAE is not model.preset {config.model.preset!r}'s "
-                    f"architecture; using the checkpoint's: {found}"
-                )
-            self.vae_config = found
-        self.cfg = AEStepConfig(
+    def _vae_config(self) -> VAEConfig:
+        """``model.preset``'s VAE, or the architecture of the checkpoint ``init_from`` names."""
+        preset = vae_preset(self.config.model.preset)
+        if self.init_kind not in ("diffusers", "file"):
+            return preset
+        from sdxl_jax.inference.checkpoints import check_vae
+
+        found, arch = check_vae(self.init_path), lambda c: [getattr(c, f) for f in ARCH_FIELDS]
+        if arch(found) != arch(preset):
+            print(
+                f"autoencoder: init_from's VAE is not model.preset "
+                f"{self.config.model.preset!r}'s architecture; using the checkpoint's: {found}"
+            )
+        return found
+
+    def _step_config(self) -> AEStepConfig:
+        config, ae = self.config, self.config.ae
+        cfg = AEStepConfig(
             l1_weight=ae.l1_weight,
             kl_weight=ae.kl_weight,
             perceptual_weight=ae.perceptual_weight if ae.perceptual_path else 0.0,
@@ -172,8 +190,13 @@ class AutoencoderTask:
                 "autoencoder: ae.perceptual_path is empty: training WITHOUT the LPIPS term "
                 "(perceptual_weight treated as 0)"
             )
-        dtype = jnp.dtype(config.model.compute_dtype)
-        self.disc_config = DISC_PRESETS[ae.disc_preset]()
+        return cfg
+
+    def _models(self) -> tuple[nnx.State, nnx.State]:
+        """The graphs (VAE in the compute dtype and fp32, discriminator, LPIPS when used) and
+        the abstract VAE parameters and discriminator state."""
+        dtype = jnp.dtype(self.config.model.compute_dtype)
+        self.disc_config = DISC_PRESETS[self.config.ae.disc_preset]()
         self.make_vae = lambda rngs, dt=dtype: AutoencoderKL(self.vae_config, rngs=rngs, dtype=dt)
         self.make_disc = lambda rngs: NLayerDiscriminator(self.disc_config, rngs=rngs, dtype=dtype)
         vae_graph, params = _split(nnx.eval_shape(lambda: self.make_vae(nnx.Rngs(0))))
@@ -181,21 +204,24 @@ class AutoencoderTask:
         self.graph_fp32 = _split(nnx.eval_shape(lambda: self.make_vae(nnx.Rngs(0), jnp.float32)))[0]
         self.lpips, lpips_graph = None, None
         if self.cfg.perceptual_weight > 0:
-            replicated = NamedSharding(mesh, P())
-            model = load_perceptual(ae.perceptual_path, dtype=dtype, sharding=replicated)
-            lpips_graph, self.lpips = nnx.split(model)
-            print(f"autoencoder: LPIPS weights from {ae.perceptual_path}")
+            path = self.config.ae.perceptual_path
+            replicated = NamedSharding(self.mesh, P())
+            lpips_graph, self.lpips = nnx.split(
+                load_perceptual(path, dtype=dtype, sharding=replicated)
+            )
+            print(f"autoencoder: LPIPS weights from {path}")
         self.graphs = AEGraphs(vae_graph, disc_graph, lpips_graph)
-        self.optimizer = optimizer_from_config(config.optim)
-        self.disc_optimizer = optimizer_from_config(config.optim, lr=ae.disc_lr, weight_decay=0.0)
-        self._abstract = jax.eval_shape(self._fresh, params, disc)
-        self.shardings = sharding.tree_shardings(self._abstract, mesh)
+        return params, disc
+
+    def _jit(self) -> None:
+        """The jitted programs: sharded init (random or from weights), the step, previews."""
+        config, mesh = self.config, self.mesh
         # One jitted init creates everything in its shards (one compile: seconds on a CPU).
         disc_init = lambda: _split(self.make_disc(nnx.Rngs(config.seed + 1)))[1]
         vae_init = lambda: shift_logvar(
             _split(self.make_vae(nnx.Rngs(config.seed), jnp.float32))[1],
             self.vae_config.latent_channels,
-            ae.logvar_init,
+            config.ae.logvar_init,
         )
         self._create_random = jax.jit(
             lambda: self._fresh(vae_init(), disc_init()), out_shardings=self.shardings
@@ -222,7 +248,6 @@ class AutoencoderTask:
         vae = lambda ema: nnx.merge(self.graph_fp32, ema)
         self._recon = jax.jit(lambda e, x: vae(e).decode(vae(e).encode(x)[0]), out_shardings=rep)
         self._means = jax.jit(lambda e, x: vae(e).encode(x)[0], out_shardings=rep)
-        self._images: dict[str, np.ndarray | None] = {}
 
     def _fresh(self, params: Any, disc: Any) -> AEState:
         copy = lambda t: jax.tree.map(jnp.copy, t)  # no two leaves share a buffer (donation)

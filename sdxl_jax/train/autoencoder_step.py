@@ -34,7 +34,13 @@ from flax import nnx, struct
 
 from sdxl_jax.models.discriminator import GAN_LOSSES, discriminator_loss, generator_loss
 from sdxl_jax.models.vae import AutoencoderKL, sample_posterior
-from sdxl_jax.train.state import applies_update, ema_decay_at, ema_update, learning_rate
+from sdxl_jax.train.state import (
+    applies_update,
+    ema_decay_at,
+    ema_update,
+    learning_rate,
+    update_if_finite,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +245,7 @@ def train_step(
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     ok &= jnp.isfinite(d_loss) & jnp.isfinite(d_grad_norm)
 
-    def apply(_: None) -> tuple[Any, ...]:
+    def apply() -> dict[str, Any]:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         moved = applies_update(state.opt_state, opt_state)
@@ -253,23 +259,12 @@ def train_step(
 
         keep = lambda _: (state.disc, state.disc_opt_state)
         disc, disc_opt_state = jax.lax.cond(gan_on, step_disc, keep, None)
-        return params, opt_state, ema, disc, disc_opt_state
+        return dict(
+            params=params, opt_state=opt_state, ema=ema, disc=disc, disc_opt_state=disc_opt_state
+        )
 
-    def skip(_: None) -> tuple[Any, ...]:
-        return state.params, state.opt_state, state.ema, state.disc, state.disc_opt_state
-
-    params, opt_state, ema, disc, disc_opt_state = jax.lax.cond(ok, apply, skip, None)
-    bad = (~ok).astype(jnp.int32)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        opt_state=opt_state,
-        ema=ema,
-        disc=disc,
-        disc_opt_state=disc_opt_state,
-        skipped=state.skipped + bad,
-        bad_streak=jnp.where(ok, 0, state.bad_streak + 1).astype(jnp.int32),
-    )
+    fields = ("params", "opt_state", "ema", "disc", "disc_opt_state")
+    new_state, bad = update_if_finite(state, ok, apply, fields)
     metrics = {
         "loss": loss,
         **aux,

@@ -1,4 +1,10 @@
-"""Stage configs: model presets by name, and the checks that must pass before anything compiles.
+"""Stage configs: finding and loading a config file, model presets by name, and the checks that
+must pass before anything compiles.
+
+``load("experiments/base_256.py:tiny")`` runs the file's ``get_config("tiny")``, as
+``python -m sdxl_jax.train --config`` does; a path ``experiments/<stage>.py`` that does not exist
+from the current directory is the installed ``experiments`` package's file (``pip install .``
+ships it), so the commands work from any directory.
 
 ``validate(config, n_devices)`` raises one clear message per problem (all of them at once): a
 mesh larger than the devices, a global batch that does not split over the batch axes, bucket
@@ -8,6 +14,8 @@ impossible noise-level range.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 from sdxl_jax import sharding
@@ -16,6 +24,33 @@ from sdxl_jax.models.unet import UNetConfig
 from sdxl_jax.models.vae import VAEConfig
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def config_file(path: str) -> Path:
+    """A stage config's file: ``path`` as given (absolute, or relative to the current directory),
+    else for ``experiments/...`` the installed ``experiments`` package's file of that name."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute() or p.parts[:1] != ("experiments",):
+        return p
+    spec = importlib.util.find_spec("experiments")  # finds the package, imports nothing
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(root).joinpath(*p.parts[1:])
+        if candidate.is_file():
+            return candidate
+    return p
+
+
+def load(spec: str) -> Any:
+    """``path.py[:arg]`` -> the file's ``get_config(arg)`` (``get_config()`` without ``arg``),
+    the file found by :func:`config_file`."""
+    path, _, arg = spec.partition(":")
+    file = config_file(path)
+    if not file.is_file():
+        raise ValueError(f"--config {path}: no such file; use experiments/<stage>.py[:arg]")
+    module_spec = importlib.util.spec_from_file_location(f"stage_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 REFINER_TEXT = {"cross_attention_dim": 64, "projection_class_embeddings_input_dim": 48 + 5 * 8}

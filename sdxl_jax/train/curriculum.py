@@ -25,33 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdxl_jax.train.diffusion_task import TINY_FROZEN
+from sdxl_jax.train.tiny_frozen import TINY_FROZEN, build_tiny_frozen
 
 STAGES = ("autoencoder", "base_256", "base_1024", "refiner")
 # Steps per stage, calibrated so the whole run stays under 15 minutes on 2 CPU cores.
 STEPS = {"base_256": 200, "base_1024": 1050, "refiner": 80}
 EVAL = dict(images_per_caption=2, steps=30, guidance=7.0, size=64, seed=1234)
-
-
-def build_tiny_frozen(folder: str | Path, seed: int = 0) -> Path:
-    """Tiny random CLIP-L / bigG text encoders and synthetic-vocabulary tokenizers: the frozen
-    text side of the tiny stages (a diffusers folder without UNet or VAE)."""
-    from flax import nnx
-
-    from sdxl_jax.data.tokenizer import write_synthetic_tokenizers
-    from sdxl_jax.models.clip import CLIPTextConfig, CLIPTextModel
-    from sdxl_jax.weights import diffusers_io
-
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    clip_l = CLIPTextModel(CLIPTextConfig.tiny(), rngs=nnx.Rngs(seed))
-    clip_g = CLIPTextModel(CLIPTextConfig.tiny_bigg(), rngs=nnx.Rngs(seed + 1))
-    diffusers_io.save_component(clip_l, tmp, "text_encoder")
-    diffusers_io.save_component(clip_g, tmp, "text_encoder_2")
-    write_synthetic_tokenizers(tmp)
-    tmp.rename(folder)  # complete or absent
-    return folder
 
 
 def stage_configs(steps: dict[str, int] | None = None) -> list[Any]:

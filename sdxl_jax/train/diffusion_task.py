@@ -36,19 +36,16 @@ from jax.sharding import PartitionSpec as P
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import conditioning, distributed, sharding
 from sdxl_jax import workdir as workdir_lib
-from sdxl_jax.diffusion import denoiser as denoiser_lib
-from sdxl_jax.diffusion import samplers
 from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, sampler_steps
 from sdxl_jax.inference import checkpoints, runtime
-from sdxl_jax.models import vae as vae_lib
 from sdxl_jax.models.unet import UNet2DConditionModel, UNetConfig
 from sdxl_jax.train import config as config_lib
 from sdxl_jax.train import state as state_lib
 from sdxl_jax.train import step as step_lib
 from sdxl_jax.train import warm_start
+from sdxl_jax.train.tiny_frozen import TINY_FROZEN, build_tiny_frozen
 from sdxl_jax.weights import configs, diffusers_io, formats
 
-TINY_FROZEN = "frozen"  # tiny configs: random tiny text encoders, made in the workdir on first use
 ARRAY_KEYS = ("original_size", "crop_coords_top_left", "target_size")
 CACHE_KEYS = ("latent_mean", "latent_logvar", "context", "pooled")
 
@@ -84,8 +81,6 @@ def frozen_sources(config: Any, workdir: Path) -> tuple[Path, Path]:
         )
     ckpt = resolve(source, workdir)
     if source == TINY_FROZEN:
-        from sdxl_jax.train.curriculum import build_tiny_frozen
-
         distributed.lead_first(f"frozen {ckpt}", ckpt.exists, lambda: build_tiny_frozen(ckpt))
     if not ckpt.exists():
         raise FileNotFoundError(f"model.checkpoint {ckpt} does not exist")
@@ -107,37 +102,77 @@ def is_refiner(config: Any) -> bool:
     return config.model.preset.endswith("refiner")
 
 
+def pretrained_init(config: Any, workdir: Path) -> Path | None:
+    """The pretrained checkpoint ``init_from`` names; None when it is empty or names a stage
+    of this workdir."""
+    if config.init_from and stage_export(config.init_from, workdir) is None:
+        return resolve(config.init_from, workdir)
+    return None
+
+
+def step_config(config: Any) -> step_lib.StepConfig:
+    """The train step's settings from a stage config's ``step`` and ``model`` groups."""
+    s = config.step
+    return step_lib.StepConfig(
+        t_min=s.t_min,
+        t_max=s.t_max,
+        offset_noise=s.offset_noise,
+        prediction_type=s.prediction_type,
+        min_snr_gamma=s.min_snr_gamma or None,
+        cond_dropout=s.cond_dropout,
+        ema_decay=s.ema_decay,
+        ema_warmup=s.get("ema_warmup", True),
+        compute_dtype=config.model.compute_dtype,
+        refiner=is_refiner(config),
+        schedule=NoiseSchedule(prediction_type=s.prediction_type),
+    )
+
+
 class DiffusionTask:
     """See the module docstring; the contract is :class:`sdxl_jax.train.task.Task`."""
 
     def __init__(self, config: Any, mesh: jax.sharding.Mesh, workdir: str | Path):
         self.config, self.mesh, self.workdir = config, mesh, Path(workdir)
         self.refiner = is_refiner(config)
-        compute = jnp.dtype(config.model.compute_dtype)
         self.cached = bool(config.data.cache)  # a folder, or "auto" (the loop builds it)
+        self.init_checkpoint = pretrained_init(config, self.workdir)
+        self.unet_config = self._unet_config()
+        vae, clip_l, clip_g = self._load_frozen()
+        online = {} if self.cached else {"vae": vae, "text_encoders": (clip_l, clip_g)}
+        abstract = nnx.eval_shape(lambda: self._make(nnx.Rngs(0)))
+        self.graphs, self._abstract_params, self.frozen = step_lib.split_models(abstract, **online)
+        self.step_config = step_config(config)
+        self.optimizer = state_lib.optimizer_from_config(config.optim)
+        self._abstract_state = jax.eval_shape(
+            lambda p: state_lib.init_state(p, self.optimizer, 0), self._abstract_params
+        )
+        self.state_shardings = sharding.tree_shardings(self._abstract_state, mesh)
+        self.batch_keys = self._batch_keys()
+        self._step = self._jit_step()
+        self._preview_fn = None
 
-        # -- the UNet: preset, or the config of the checkpoint it starts from
-        self.init_checkpoint = None
-        if config.init_from and stage_export(config.init_from, self.workdir) is None:
-            self.init_checkpoint = resolve(config.init_from, self.workdir)
+    def _unet_config(self) -> UNetConfig:
+        """``model.preset``'s UNet, or the config of the pretrained checkpoint ``init_from``
+        names (a previous stage of this workdir has the preset's architecture)."""
         if self.init_checkpoint is not None:
             ucfg = checkpoints.check_stage(self.init_checkpoint, need_vae=False).configs["unet"]
         else:
-            ucfg = config_lib.unet_config(config.model.preset)
-        self.unet_config = dataclasses.replace(ucfg, remat=bool(config.model.remat))
+            ucfg = config_lib.unet_config(self.config.model.preset)
+        return dataclasses.replace(ucfg, remat=bool(self.config.model.remat))
 
-        def make(rngs: nnx.Rngs) -> UNet2DConditionModel:
-            return UNet2DConditionModel(
-                self.unet_config, rngs=rngs, dtype=compute, param_dtype=jnp.float32
-            )
+    def _make(self, rngs: nnx.Rngs) -> UNet2DConditionModel:
+        compute = jnp.dtype(self.config.model.compute_dtype)
+        return UNet2DConditionModel(
+            self.unet_config, rngs=rngs, dtype=compute, param_dtype=jnp.float32
+        )
 
-        self._make = make
-        abstract = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
-
-        # -- frozen encoders (online) and tokenizers
-        self.ckpt, self.vae_path = frozen_sources(config, self.workdir)
+    def _load_frozen(self) -> tuple[Any, Any, Any]:
+        """The frozen VAE and text encoders (CLIP-L None for a refiner), sharded, with the
+        tokenizers; previews use them even in cache mode. Returns (vae, clip_l, clip_g)."""
+        self.ckpt, self.vae_path = frozen_sources(self.config, self.workdir)
         want = ["text_encoder_2"] + ([] if self.refiner else ["text_encoder"])
-        shard_fn = sharding.loader_sharding(mesh)
+        shard_fn = sharding.loader_sharding(self.mesh)
+        compute = jnp.dtype(self.config.model.compute_dtype)
         frozen_models = formats.load(self.ckpt, want, dtype=compute, sharding=shard_fn)
         vae = formats.load(self.vae_path, ["vae"], sharding=shard_fn)["vae"]
         self.vae_config = vae.config
@@ -151,52 +186,28 @@ class DiffusionTask:
             else conditioning.load_tokenizer(self.ckpt / "tokenizer"),
             tokenizer_g=conditioning.load_tokenizer(self.ckpt / "tokenizer_2"),
         )
-        online = {} if self.cached else {"vae": vae, "text_encoders": (clip_l, clip_g)}
-        self.graphs, abstract_params, frozen = step_lib.split_models(abstract, **online)
-        self.frozen = frozen
-        # Previews need the text encoders and the VAE even in cache mode.
         self._vae_graph, self._vae_state = nnx.split(vae)
         self._text_graph, self._text_state = nnx.split((clip_l, clip_g))
+        return vae, clip_l, clip_g
 
-        # -- the step
-        s = config.step
-        self.step_config = step_lib.StepConfig(
-            t_min=s.t_min,
-            t_max=s.t_max,
-            offset_noise=s.offset_noise,
-            prediction_type=s.prediction_type,
-            min_snr_gamma=s.min_snr_gamma or None,
-            cond_dropout=s.cond_dropout,
-            ema_decay=s.ema_decay,
-            ema_warmup=s.get("ema_warmup", True),
-            compute_dtype=config.model.compute_dtype,
-            refiner=self.refiner,
-            schedule=NoiseSchedule(prediction_type=s.prediction_type),
-        )
-        self.optimizer = state_lib.optimizer_from_config(config.optim)
-        self._abstract_params = abstract_params
-        abstract_state = jax.eval_shape(
-            lambda p: state_lib.init_state(p, self.optimizer, 0), abstract_params
-        )
-        self.state_shardings = sharding.tree_shardings(abstract_state, mesh)
-        self._abstract_state = abstract_state
-        self.batch_keys = self._batch_keys()
+    def _jit_step(self) -> Any:
+        """The train step jitted with explicit shardings, the state donated."""
+        mesh = self.mesh
         replicated = NamedSharding(mesh, P())
         batch_shardings = {k: NamedSharding(mesh, P(sharding.BATCH_AXES)) for k in self.batch_keys}
-        frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+        frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
         fn = functools.partial(
             step_lib.train_step,
             graphs=self.graphs,
             cfg=self.step_config,
             optimizer=self.optimizer,
         )
-        self._step = jax.jit(
+        return jax.jit(
             fn,
             in_shardings=(self.state_shardings, batch_shardings, frozen_shardings),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,
         )
-        self._preview_fn = None
 
     # -- the contract ----------------------------------------------------------------------
 
@@ -305,9 +316,8 @@ class DiffusionTask:
         ids = {k: jnp.asarray(v) for k, v in self.text.tokenize(list(prompts)).items()}
         orig = original_size or size
         if self.refiner:
-            tids = conditioning.refiner_time_ids(
-                np.broadcast_to(np.float32(orig), (n, 2)), crop, 6.0
-            )
+            size = np.broadcast_to(np.float32(orig), (n, 2))
+            tids = conditioning.refiner_time_ids(size, crop, conditioning.AESTHETIC_SCORE)
         else:
             tids = np.broadcast_to(conditioning.base_time_ids(orig, crop, size), (n, 6))
         noise = runtime.initial_noise(seed, range(n), (h // f, w // f, 4))
@@ -319,29 +329,24 @@ class DiffusionTask:
         )  # fmt: skip
 
     def _sample_fn(self, params, text_state, vae_state, ids, tids, noise, guidance, *, steps):
-        schedule = self.step_config.schedule
-        p = sampler_steps(schedule, "ddim", steps, spacing="trailing")
+        """DDIM (trailing steps) with classifier-free guidance against a zeroed text context,
+        then the fp32 VAE decode: the sampling runtime's own functions."""
+        p = sampler_steps(self.step_config.schedule, "ddim", steps, spacing="trailing")
         clip_l, clip_g = nnx.merge(self._text_graph, text_state)
         context, pooled = conditioning.encode_text(clip_l, clip_g, ids)
         if self.refiner:
             context = context[..., -self.unet_config.cross_attention_dim :]
         dtype = jnp.dtype(self.config.model.compute_dtype)
-
-        def model(x, t, c):
-            cast = jax.tree.map(lambda a: a.astype(dtype), params)
-            unet = nnx.merge(self.graphs.unet, cast)
-            tt = jnp.broadcast_to(t, (x.shape[0],))
-            return unet(x.astype(dtype), tt, *c)
-
-        cond = (context, pooled, tids)
-        uncond = (jnp.zeros_like(context), jnp.zeros_like(pooled), tids)
-        m = denoiser_lib.guided(model, cond, uncond, guidance)
-        d = denoiser_lib.denoiser(m, self.step_config.prediction_type)
+        cast = lambda: jax.tree.map(lambda a: a.astype(dtype), params)
+        unet = lambda: nnx.merge(self.graphs.unet, cast())
+        pos = (context, pooled, tids)
+        neg = (jnp.zeros_like(context), jnp.zeros_like(pooled), tids)
         arrays = {k: jnp.asarray(v) for k, v in p.arrays().items()}
-        x = samplers.sample("ddim", d, noise * p.init_scale, arrays)
-        vae = nnx.merge(self._vae_graph, vae_state)
-        img = vae.decode(vae_lib.from_diffusion_latents(x, self.vae_config))
-        return jnp.round(jnp.clip(img / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
+        x = runtime.denoise_latents(
+            unet, noise * p.init_scale, arrays, pos, neg, guidance, None,
+            sampler="ddim", prediction=self.step_config.prediction_type,
+        )  # fmt: skip
+        return runtime.decode_uint8(nnx.merge(self._vae_graph, vae_state), x)
 
     def preview(self, state: Any) -> np.ndarray | None:
         prompts = list(self.config.log.get("sample_prompts", []) or [])

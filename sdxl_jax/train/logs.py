@@ -1,9 +1,5 @@
-"""Training logs: TensorBoard event files (no TensorFlow), a JSONL metrics file, the progress line.
-
-The event file is written by hand: TFRecord framing (length, masked CRC-32C, data, masked
-CRC-32C) around ``tensorboard.Event`` protos encoded in the protobuf wire format, so TensorBoard
-reads it without this package depending on TensorFlow or on a protobuf version.
-"""
+"""Training logs: TensorBoard event files (through tensorboardX, no TensorFlow), a JSONL metrics
+file, the progress line."""
 
 from __future__ import annotations
 
@@ -12,126 +8,84 @@ import json
 import math
 import os
 import socket
-import struct
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-# --- CRC-32C (Castagnoli) and TFRecord framing ------------------------------------------------
+if TYPE_CHECKING:
+    from tensorboardX.proto.summary_pb2 import Summary
 
-
-def _crc_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C of ``data`` (pure Python: ~0.1 s per MiB, fine for scalars and sample grids)."""
-    crc, table = 0xFFFFFFFF, _CRC_TABLE
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> bytes:
-    crc = crc32c(data)
-    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-
-
-def _record(data: bytes) -> bytes:
-    length = struct.pack("<Q", len(data))
-    return length + _masked_crc(length) + data + _masked_crc(data)
-
-
-# --- protobuf wire format (only what the messages below need) ---------------------------------
-
-
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int64 -> ten-byte two's complement, as protobuf does
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _int_field(field: int, n: int) -> bytes:
-    return _varint(field << 3) + _varint(n)
-
-
-def _bytes_field(field: int, data: bytes | str) -> bytes:
-    data = data.encode() if isinstance(data, str) else data
-    return _varint(field << 3 | 2) + _varint(len(data)) + data
-
-
-def _event(wall_time: float, step: int, *, summary_value: bytes = b"", version: str = "") -> bytes:
-    """An ``Event``: wall_time = 1 (double), step = 2, file_version = 3, summary = 5."""
-    msg = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _int_field(2, step)
-    if version:
-        msg += _bytes_field(3, version)
-    if summary_value:  # Summary { repeated Value value = 1 }
-        msg += _bytes_field(5, _bytes_field(1, summary_value))
-    return msg
-
-
-def _float32_le(value) -> bytes:
-    with np.errstate(over="ignore"):  # 1e40 -> inf rather than an error: a log must not crash
-        return np.asarray(float(value), dtype="<f4").tobytes()
-
+# tensorboardX is imported where an event file is written (process 0): importing the package
+# imports torch when it is installed (seconds, hundreds of MB), which the other processes and
+# the rest of this module do not need.
 
 # --- writers ----------------------------------------------------------------------------------
 
 
 class EventWriter:
-    """TensorBoard event file writer with no TensorFlow dependency.
+    """TensorBoard event file writer (``events.out.tfevents.<time>.<host>.<pid>.sdxl_jax``).
 
-    Records are buffered and flushed after every image or text, every ``flush_every`` scalars,
-    or when ``flush_secs`` have passed since the last flush; ``close()`` flushes.
+    tensorboardX's synchronous ``EventsWriter`` writes the records (the one its
+    ``SummaryWriter`` runs on a background thread): here a flush means the events are on disk.
+    Records are flushed after every image or text, every ``flush_every`` scalars, or when
+    ``flush_secs`` have passed since the last flush; ``close()`` flushes.
     """
 
     def __init__(self, logdir: str | Path, *, flush_every: int = 50, flush_secs: float = 10.0):
+        from tensorboardX.event_file_writer import EventsWriter
+
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
-        now = time.time()
-        base = f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}.sdxl_jax"
-        self.path, n = self.logdir / base, 0
-        while self.path.exists():  # a second writer in the same second: never interleave files
+        host, pid = socket.gethostname(), os.getpid()
+        tail, n = f"{host}.{pid}.sdxl_jax", 0
+        while self._taken(tail):  # a second writer of this process here: never share a file
             n += 1
-            self.path = self.logdir / f"{base}.{n}"
-        self._file = open(self.path, "xb")
+            tail = f"{host}.{pid}.{n}.sdxl_jax"
+        self._events = EventsWriter(str(self.logdir / "events"), tail[len(host) :])
+        self.path = next(p for p in self.logdir.iterdir() if p.name.endswith(tail))
+        self._closed = False
         self._flush_every, self._flush_secs = flush_every, flush_secs
-        self._pending, self._last_flush = 0, time.monotonic()
-        self._write(_event(now, 0, version="brain.Event:2"), flush=True)
+        self.flush()  # the header (file_version brain.Event:2)
 
-    def _write(self, event: bytes, flush: bool = False) -> None:
-        self._file.write(_record(event))
+    def _taken(self, tail: str) -> bool:
+        return any(
+            p.name.startswith("events.out.tfevents.") and p.name.endswith(tail)
+            for p in self.logdir.iterdir()
+        )
+
+    def _write(self, step: int, value: Summary.Value, wall_time: float | None = None) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        wall = time.time() if wall_time is None else float(wall_time)
+        self._events.write_event(
+            Event(wall_time=wall, step=int(step), summary=Summary(value=[value]))
+        )
         self._pending += 1
         late = time.monotonic() - self._last_flush >= self._flush_secs
-        if flush or late or self._pending >= self._flush_every:
+        if (
+            value.WhichOneof("value") != "simple_value"
+            or late
+            or self._pending >= self._flush_every
+        ):
             self.flush()
 
     def scalar(self, tag: str, value: float, step: int, wall_time: float | None = None) -> None:
         """A float32 ``simple_value`` (non-finite values are kept: TensorBoard shows them)."""
-        value_msg = _bytes_field(1, tag) + _varint(2 << 3 | 5) + _float32_le(value)
-        wall = time.time() if wall_time is None else float(wall_time)
-        self._write(_event(wall, int(step), summary_value=value_msg))
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        self._write(step, Summary.Value(tag=tag, simple_value=float(value)), wall_time)
 
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         """A uint8 image, [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], stored as PNG."""
+        from tensorboardX.proto.summary_pb2 import Summary
+
         img = np.asarray(image)
         if img.ndim == 3 and img.shape[-1] == 1:
             img = img[..., 0]
@@ -146,30 +100,32 @@ class EventWriter:
         Image.fromarray(img).save(png, format="PNG")
         h, w = img.shape[:2]
         channels = 1 if img.ndim == 2 else img.shape[-1]  # Summary.Image colorspace: 1, 3 or 4
-        image_msg = (
-            _int_field(1, h) + _int_field(2, w) + _int_field(3, channels)
-            + _bytes_field(4, png.getvalue())
-        )  # fmt: skip
-        value_msg = _bytes_field(1, tag) + _bytes_field(4, image_msg)
-        self._write(_event(time.time(), int(step), summary_value=value_msg), flush=True)
+        encoded = Summary.Image(
+            height=h, width=w, colorspace=channels, encoded_image_string=png.getvalue()
+        )
+        self._write(step, Summary.Value(tag=tag, image=encoded))
 
     def text(self, tag: str, text: str, step: int) -> None:
-        """Markdown text for TensorBoard's text plugin (a scalar DT_STRING tensor)."""
-        # SummaryMetadata { plugin_data = 1 { plugin_name = 1 }, data_class = 4 (TENSOR = 2) }
-        metadata = _bytes_field(1, _bytes_field(1, "text")) + _int_field(4, 2)
-        # TensorProto { dtype = 1 (DT_STRING = 7), tensor_shape = 2 (scalar), string_val = 8 }
-        tensor = _int_field(1, 7) + _bytes_field(2, b"") + _bytes_field(8, text)
-        value_msg = _bytes_field(1, tag) + _bytes_field(9, metadata) + _bytes_field(8, tensor)
-        self._write(_event(time.time(), int(step), summary_value=value_msg), flush=True)
+        """Markdown text for TensorBoard's text plugin (a scalar string tensor)."""
+        from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboardX.proto.tensor_pb2 import TensorProto
+        from tensorboardX.proto.tensor_shape_pb2 import TensorShapeProto
+
+        metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = TensorProto(
+            dtype="DT_STRING", tensor_shape=TensorShapeProto(), string_val=[text.encode()]
+        )
+        self._write(step, Summary.Value(tag=tag, metadata=metadata, tensor=tensor))
 
     def flush(self) -> None:
-        self._file.flush()
+        if not self._closed:
+            self._events.flush()
         self._pending, self._last_flush = 0, time.monotonic()
 
     def close(self) -> None:
-        if not self._file.closed:
-            self.flush()
-            self._file.close()
+        if not self._closed:
+            self._events.close()  # flushes
+            self._closed = True
 
     def __enter__(self) -> EventWriter:
         return self

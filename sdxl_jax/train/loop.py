@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
-import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +39,8 @@ from sdxl_jax import distributed, sharding
 from sdxl_jax import workdir as workdir_lib
 from sdxl_jax.data import pipeline as data_pipeline
 from sdxl_jax.train import config as config_lib
-from sdxl_jax.train import logs
-
-
-class Diverged(RuntimeError):
-    """Too many non-finite steps in a row; the latest checkpoint is the last good state."""
+from sdxl_jax.train import policies
+from sdxl_jax.train.policies import Diverged as Diverged  # callers catch loop.Diverged
 
 
 @dataclasses.dataclass
@@ -143,35 +138,6 @@ def data_config(config: Any, path: str, cache: str = "") -> data_pipeline.DataCo
     return data_pipeline.DataConfig(**{**kw, "path": path, "seed": config.seed, "cache": cache})
 
 
-def _host_arrays(task: Any, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    if hasattr(task, "host_arrays"):
-        return task.host_arrays(batch)
-    return {k: batch[k] for k in task.batch_keys}
-
-
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old = None
-
-    def __enter__(self) -> _Preemption:
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-            self._old = None
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        print("\nSIGTERM: saving at the end of this step, then exiting", file=sys.stderr)
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
 def run_stage(
     config: Any,
     workdir: str | Path,
@@ -225,21 +191,8 @@ def _run(
     total = int(config.optim.total_steps) * int(config.optim.accumulate)
     latest = ckpts.latest_step()
     if latest is not None and latest >= total and (ckpts.directory / ckpt_lib.FINAL_EMA).exists():
-        ckpts.close()
-        say(f"[{config.stage}] already finished ({latest} steps): {wd.root / config.stage}")
-        wd.download(f"{config.stage}/summary.json")
-        done = stage_dir / "summary.json"
-        summary = json.loads(done.read_text()) if done.exists() else {}
-        return StageResult(config.stage, "already finished", latest, stage_dir / "export", summary)
-    # A fresh host of a bucket workdir: this stage's logs (to continue them), the earlier
-    # stages it starts from.
-    wd.download(config.stage, skip=(workdir_lib.CHECKPOINTS, ckpt_lib.FINAL_EMA))
-    for name in _stage_names(config):
-        wd.download(f"{name}/export")
-        wd.download(f"{name}/{ckpt_lib.FINAL_EMA}")
-    if lead:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        return _already_finished(config, wd, ckpts, latest, say)
+    _prepare_stage_dir(config, wd)
 
     # -- data -------------------------------------------------------------------------------
     data = resolve_data(config, workdir)
@@ -250,194 +203,141 @@ def _run(
     task = make_task(config, mesh, workdir)
 
     # -- restore or start -------------------------------------------------------------------
+    state, data_state, start = _restore_or_init(config, task, ckpts, latest, say)
+    it = data_pipeline.make_iterator(dcfg, start_step=start, verbose=not quiet)
+    if data_state is not None:
+        it.set_state(data_state)
+    say(_setup_line(config, state, mesh, time.perf_counter() - t0))
+
+    # -- policies ---------------------------------------------------------------------------
+    trace = policies.DataTrace.open(config, workdir)
+    feed = policies.Feed(it, task, mesh, config.stage, trace)
+    log = policies.MetricsLog(
+        config, stage_dir, total, start, dcfg.global_batch_size, lead=lead, quiet=quiet
+    )
+    mirror = policies.Mirror(wd, config.stage, log, trace, lead)
+    saver = policies.Checkpointing(ckpts, it, config, total, saved=latest, after_save=mirror)
+    previews = policies.Previews(task, config, log)
+    bad = policies.NonFiniteStreak(config, int(state.bad_streak), ckpts.latest_step)
+    late = policies.OneStepLate(bad.check, log.add)  # in order: a diverged step is not logged
+
+    # -- loop -------------------------------------------------------------------------------
+    status, done = "finished", start
+    with policies.Stopping(ckpts, stop_at_step) as stopping:
+        try:
+            for step in range(start, total):
+                batch, bucket = feed.next(step, state)
+                state, metrics = task.step(state, batch)
+                late.push(step, metrics, bucket)  # reads the previous step's metrics
+                done = step + 1
+                if saver.due(done):
+                    late.drain()  # know this step's outcome before saving it
+                    saver.periodic(done, state, in_bad_run=bad.in_run)
+                previews.maybe(done, state)
+                if reason := stopping.reason(done):
+                    late.drain()
+                    saver.final(done, state)
+                    mirror()
+                    status = reason
+                    say(f"[{config.stage}] {status} at step {done}; saved; rerun to resume")
+                    break
+            late.drain()
+        finally:
+            feed.close()
+            log.flush()
+
+    # -- finish -----------------------------------------------------------------------------
+    summary = {"stage": config.stage, "status": status, "step": done, **log.progress.summary()}
+    export = None
+    if status == "finished":
+        export = _finish(task, state, done, saver, previews, mirror, summary, stage_dir, say)
+    ckpts.close()
+    log.close()
+    return StageResult(config.stage, status, done, export, summary)
+
+
+def _already_finished(
+    config: Any,
+    wd: workdir_lib.Workdir,
+    ckpts: ckpt_lib.StageCheckpoints,
+    latest: int,
+    say: Callable[..., None],
+) -> StageResult:
+    ckpts.close()
+    say(f"[{config.stage}] already finished ({latest} steps): {wd.root / config.stage}")
+    wd.download(f"{config.stage}/summary.json")
+    stage_dir = wd.local / config.stage
+    done = stage_dir / "summary.json"
+    summary = json.loads(done.read_text()) if done.exists() else {}
+    return StageResult(config.stage, "already finished", latest, stage_dir / "export", summary)
+
+
+def _prepare_stage_dir(config: Any, wd: workdir_lib.Workdir) -> None:
+    """A fresh host of a bucket workdir gets this stage's logs (to continue them) and the
+    earlier stages it starts from; process 0 writes the resolved config."""
+    wd.download(config.stage, skip=(workdir_lib.CHECKPOINTS, ckpt_lib.FINAL_EMA))
+    for name in _stage_names(config):
+        wd.download(f"{name}/export")
+        wd.download(f"{name}/{ckpt_lib.FINAL_EMA}")
+    if jax.process_index() == 0:
+        stage_dir = wd.local / config.stage
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def _restore_or_init(
+    config: Any,
+    task: Any,
+    ckpts: ckpt_lib.StageCheckpoints,
+    latest: int | None,
+    say: Callable[..., None],
+) -> tuple[Any, dict | None, int]:
+    """(state, data iterator state or None, first step): the latest checkpoint, else fresh."""
     if latest is not None:
         state, data_state, _ = ckpts.restore(task.abstract_state(), latest)
         start = int(state.step)
         say(f"[{config.stage}] resumed from step {start} ({ckpts.directory / 'checkpoints'})")
-    else:
-        state, data_state, start = task.init_state(), None, 0
-        if config.init_from:
-            say(f"[{config.stage}] initialised from {config.init_from}")
-    it = data_pipeline.make_iterator(dcfg, start_step=start, verbose=not quiet)
-    if data_state is not None:
-        it.set_state(data_state)
+        return state, data_state, start
+    state = task.init_state()
+    if config.init_from:
+        say(f"[{config.stage}] initialised from {config.init_from}")
+    return state, None, 0
+
+
+def _setup_line(config: Any, state: Any, mesh: jax.sharding.Mesh, seconds: float) -> str:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.ema))
     mesh_text = " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
-    say(
-        f"[{config.stage}] {n_params / 1e6:.2f}M trained parameters | mesh {mesh_text} | "
-        f"setup {time.perf_counter() - t0:.1f} s"
-    )
-
-    writer = jsonl = trace = None
-    trace_rel = f"{config.stage}/data_trace/process_{jax.process_index()}.jsonl"
-    if config.log.get("trace_data", False):  # every process: its own rows of each batch
-        (stage_dir / "data_trace").mkdir(parents=True, exist_ok=True)
-        trace = open(workdir / trace_rel, "a")
-    if lead:
-        writer = logs.EventWriter(stage_dir / "tb")
-        jsonl = logs.JsonlWriter(stage_dir / "metrics.jsonl")
-    progress = logs.Progress(
-        total, start, dcfg.global_batch_size, stage=config.stage,
-        stream=sys.stdout if lead and not quiet else _Null(),
-    )  # fmt: skip
-
-    def mirror() -> None:
-        """A bucket workdir: upload the logs written so far (at checkpoints and the end)."""
-        if not wd.remote:
-            return
-        if writer is not None:
-            writer.flush()
-        if trace is not None and not trace.closed:
-            trace.flush()
-        if lead:
-            wd.upload(config.stage)
-        elif trace is not None:
-            wd.upload(trace_rel)
-
-    meta = {"stage": config.stage, "config": json.loads(config.to_json_best_effort())}
-    log_every = max(1, int(config.log.every_steps))
-    ckpt_every = int(config.checkpoint.every_steps)
-    preview_every = int(config.log.sample_every_steps)
-    streak = int(state.bad_streak)
-    sums: dict[str, float] = {}
-    count = 0
-    status = "finished"
-    pending: tuple[int, dict, tuple[int, int]] | None = None
-    save_due = False
-    multi, compiled = jax.process_count() > 1, set()
-    saved = latest  # the step of the newest checkpoint (orbax refuses to save a step twice)
-
-    def absorb(step: int, metrics: dict, bucket: tuple[int, int]) -> None:
-        """Bookkeeping of a finished step (read one step late, so the device stays busy)."""
-        nonlocal streak, count
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        streak = streak + 1 if m.get("skipped", 0.0) else 0
-        if streak >= config.max_bad_steps:
-            raise Diverged(
-                f"[{config.stage}] {streak} non-finite steps in a row (last: step {step}); "
-                f"stopped without saving: the latest checkpoint "
-                f"(step {ckpts.latest_step()}) is the last good state. Lower optim.lr, check "
-                f"the data, or raise max_bad_steps"
-            )
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + v
-        count += 1
-        if (step + 1) % log_every == 0 or step + 1 == total:
-            mean = {k: v / count for k, v in sums.items()}
-            mean["skipped"] = sums.get("skipped", 0.0)
-            line_scalars = {k: mean[k] for k in ("loss", "lr", "grad_norm") if k in mean}
-            progress.update(step + 1, line_scalars, bucket)
-            perf = progress.summary()
-            rates = {f"perf/{k}": perf[k] for k in ("steps_per_s", "images_per_s") if k in perf}
-            scalars = {**{f"train/{k}": v for k, v in mean.items()}, **rates}
-            if writer is not None:
-                for k, v in scalars.items():
-                    writer.scalar(k, v, step + 1)
-                writer.flush()
-                jsonl.write(step + 1, scalars)
-            sums.clear()
-            count = 0
-
-    # -- loop -------------------------------------------------------------------------------
-    with _Preemption() as preemption:
-        step = start
-        try:
-            while step < total:
-                host = next(it)
-                bucket = _bucket(host)
-                if trace is not None and "index" in host:
-                    rows = np.asarray(host["index"]).tolist()
-                    trace.write(json.dumps({"step": step, "bucket": bucket, "index": rows}) + "\n")
-                batch = data_pipeline.to_global(_host_arrays(task, host), mesh, sharding.BATCH_AXES)
-                shapes = multi and tuple((k, v.shape) for k, v in sorted(batch.items()))
-                if shapes and shapes not in compiled:
-                    # Processes compile at different speeds; the first run of a program with
-                    # collectives must not start on one while another still compiles (gloo
-                    # waits only 30 s for its peers): compile, wait for all, then run.
-                    task.compile_step(state, batch)
-                    distributed.barrier(f"{config.stage} step {bucket}")
-                    compiled.add(shapes)
-                state, metrics = task.step(state, batch)
-                if pending is not None:
-                    absorb(*pending)
-                pending = (step, metrics, bucket)
-                step += 1
-                if ckpt_every and step < total and (step % ckpt_every == 0 or save_due):
-                    absorb(*pending)  # know this step's outcome before saving it
-                    pending = None
-                    # Never checkpoint inside a run of non-finite steps: the latest checkpoint
-                    # stays the last good state; the save waits for a good step.
-                    save_due = streak > 0
-                    if not save_due:
-                        ckpts.save(step, state, it.get_state(), meta)
-                        saved = step
-                        mirror()
-                if preview_every and step % preview_every == 0:
-                    image = task.preview(state)  # every process: sampling is one SPMD program
-                    if image is not None and writer is not None:
-                        writer.image("samples", image, step)
-                stop = stop_at_step is not None and step >= stop_at_step
-                if preemption.requested or ckpts.reached_preemption(step) or stop:
-                    if pending is not None:
-                        absorb(*pending)
-                    pending = None
-                    if saved != step:
-                        ckpts.save(step, state, it.get_state(), meta, force=True)
-                    ckpts.wait()
-                    mirror()
-                    status = "stopped" if stop and not preemption.requested else "preempted"
-                    say(f"[{config.stage}] {status} at step {step}; saved; rerun to resume")
-                    break
-            if pending is not None:
-                absorb(*pending)
-        finally:
-            it.close()
-            if trace is not None:
-                trace.close()
-            if writer is not None:
-                writer.flush()
-
-    # -- finish -----------------------------------------------------------------------------
-    export = None
-    summary = {"stage": config.stage, "status": status, "step": step, **progress.summary()}
-    if status == "finished":
-        if saved != step:
-            ckpts.save(step, state, it.get_state(), meta, force=True)
-        ckpts.wait()
-        ckpts.save_final_ema(state.ema)
-        # Every process: gathering the sharded weights is collective; process 0 writes.
-        export = task.export(state, stage_dir / "export")
-        image = task.preview(state) if preview_every else None
-        if image is not None and writer is not None:
-            writer.image("samples", image, step)
-        summary["skipped_steps"] = int(state.skipped)
-        summary["export"] = str(export) if export else None
-        if lead:
-            (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        mirror()
-        say(
-            f"[{config.stage}] done: {step} steps in {summary.get('wall_s', 0):.0f} s, "
-            f"{int(state.skipped)} skipped; export {export}"
-        )
-    ckpts.close()
-    if writer is not None:
-        writer.close()
-        jsonl.close()
-    return StageResult(config.stage, status, step, export, summary)
-
-
-def _bucket(host: Mapping[str, Any]) -> tuple[int, int]:
-    """The batch's (h, w) in pixels: every row has the same target size."""
     return (
-        tuple(int(x) for x in np.asarray(host["target_size"])[0])
-        if "target_size" in host
-        else (0, 0)
+        f"[{config.stage}] {n_params / 1e6:.2f}M trained parameters | mesh {mesh_text} | "
+        f"setup {seconds:.1f} s"
     )
 
 
-class _Null:
-    def write(self, s: str) -> int:
-        return len(s)
-
-    def flush(self) -> None:
-        pass
+def _finish(
+    task: Any,
+    state: Any,
+    step: int,
+    saver: policies.Checkpointing,
+    previews: policies.Previews,
+    mirror: policies.Mirror,
+    summary: dict[str, Any],
+    stage_dir: Path,
+    say: Callable[..., None],
+) -> Path:
+    """The end of a stage: the last checkpoint, the final EMA, the export, a last preview,
+    ``summary.json`` (completed in ``summary``), the last upload. Returns the export."""
+    saver.final(step, state)
+    saver.ckpts.save_final_ema(state.ema)
+    # Every process: gathering the sharded weights is collective; process 0 writes.
+    export = task.export(state, stage_dir / "export")
+    previews.final(step, state)
+    summary["skipped_steps"] = int(state.skipped)
+    summary["export"] = str(export) if export else None
+    if jax.process_index() == 0:
+        (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    mirror()
+    say(
+        f"[{summary['stage']}] done: {step} steps in {summary.get('wall_s', 0):.0f} s, "
+        f"{int(state.skipped)} skipped; export {export}"
+    )
+    return export

@@ -7,6 +7,7 @@ Everything here is pure and jittable, so the state can be created already sharde
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -195,3 +196,23 @@ def ema_decay_at(n: jax.Array, decay: float, warmup: bool = True) -> jax.Array:
     random initialisation (0.9999 ** 1000 is still 0.9)."""
     n = jnp.asarray(n, jnp.float32)
     return jnp.minimum(decay, (1.0 + n) / (10.0 + n)) if warmup else jnp.asarray(decay)
+
+
+def update_if_finite(
+    state: Any, ok: jax.Array, update: Callable[[], dict[str, Any]], fields: tuple[str, ...]
+) -> tuple[Any, jax.Array]:
+    """The state after one train step: ``update()``'s new values of ``fields`` where ``ok`` (the
+    step's losses and gradient norms are finite), the old ones otherwise; ``step`` advanced and
+    the counters ``skipped`` / ``bad_streak`` updated. Returns it with ``bad`` ([] int32, 1 if
+    the update was dropped). A cond rather than a select: nothing is computed for a skipped
+    update, and it compiles faster than a select over every leaf."""
+    keep = lambda _: {f: getattr(state, f) for f in fields}
+    new = jax.lax.cond(ok, lambda _: update(), keep, None)
+    bad = (~ok).astype(jnp.int32)
+    state = state.replace(
+        step=state.step + 1,
+        skipped=state.skipped + bad,
+        bad_streak=jnp.where(ok, 0, state.bad_streak + 1).astype(jnp.int32),
+        **new,
+    )
+    return state, bad

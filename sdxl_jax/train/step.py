@@ -47,6 +47,7 @@ from sdxl_jax.train.state import (
     ema_decay_at,
     ema_update,
     learning_rate,
+    update_if_finite,
 )
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -67,7 +68,8 @@ class StepConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at step n
     compute_dtype: str = "bfloat16"  # the UNet graph must be built with this dtype
     refiner: bool = False  # 5 time ids: sizes, crop, aesthetic score
-    aesthetic_score: float = 6.0  # refiner default when the batch has no "aesthetic_score"
+    # The refiner's score when the batch has no "aesthetic_score" (diffusers' default).
+    aesthetic_score: float = conditioning.AESTHETIC_SCORE
     schedule: NoiseSchedule = NoiseSchedule()
 
     def __post_init__(self) -> None:
@@ -233,16 +235,15 @@ def loss_fn(
 
 
 def time_ids(batch: dict[str, jax.Array], cfg: StepConfig) -> jax.Array:
-    """Micro-conditioning from the batch: [B, 6] (original h, w, crop top, left, target h, w),
-    refiner [B, 5] (original h, w, crop top, left, aesthetic score)."""
-    orig = batch["original_size"].astype(jnp.float32)
-    crop = batch["crop_coords_top_left"].astype(jnp.float32)
+    """Micro-conditioning from the batch (:mod:`sdxl_jax.conditioning`): [B, 6] (original h, w,
+    crop top, left, target h, w), refiner [B, 5] (original h, w, crop top, left, aesthetic
+    score: the batch's ``aesthetic_score``, else ``cfg.aesthetic_score``)."""
+    orig, crop = batch["original_size"], batch["crop_coords_top_left"]
     if not cfg.refiner:
-        return jnp.concatenate([orig, crop, batch["target_size"].astype(jnp.float32)], axis=-1)
-    score = batch.get("aesthetic_score")
-    if score is None:
-        score = jnp.full(orig.shape[:1], cfg.aesthetic_score, jnp.float32)
-    return jnp.concatenate([orig, crop, score.astype(jnp.float32)[:, None]], axis=-1)
+        return conditioning.base_time_ids(orig, crop, batch["target_size"])
+    return conditioning.refiner_time_ids(
+        orig, crop, batch.get("aesthetic_score", cfg.aesthetic_score)
+    )
 
 
 def prepare(
@@ -339,7 +340,7 @@ def train_step(
 
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def apply(_: None) -> tuple[Any, Any, Any]:
+    def apply() -> dict[str, Any]:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # Between accumulation steps the parameters do not move, and neither does the EMA.
@@ -349,23 +350,9 @@ def train_step(
             ema_update(state.ema, params, ema_decay_at(state.step, cfg.ema_decay, cfg.ema_warmup)),
             state.ema,
         )
-        return params, opt_state, ema
+        return {"params": params, "opt_state": opt_state, "ema": ema}
 
-    def skip(_: None) -> tuple[Any, Any, Any]:
-        return state.params, state.opt_state, state.ema
-
-    # A cond rather than a select: nothing is computed for a skipped update, and it compiles
-    # faster than a select over every leaf.
-    params, opt_state, ema = jax.lax.cond(ok, apply, skip, None)
-    bad = (~ok).astype(jnp.int32)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        opt_state=opt_state,
-        ema=ema,
-        skipped=state.skipped + bad,
-        bad_streak=jnp.where(ok, 0, state.bad_streak + 1).astype(jnp.int32),
-    )
+    new_state, bad = update_if_finite(state, ok, apply, ("params", "opt_state", "ema"))
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,

@@ -21,17 +21,6 @@ from sdxl_jax.train import logs
 # --- TensorBoard events -----------------------------------------------------------------------
 
 
-def test_crc32c_known_vectors_and_tensorboard():
-    # RFC 3720 B.4 and the usual check value.
-    assert logs.crc32c(b"123456789") == 0xE3069283
-    assert logs.crc32c(b"") == 0
-    assert logs.crc32c(bytes(32)) == 0x8A9136AA
-    assert logs.crc32c(b"\xff" * 32) == 0x62A8AB43
-    assert logs.crc32c(bytes(range(32))) == 0x46DD794E
-    data = np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes()
-    assert logs.crc32c(data) == pywrap_tensorflow.crc32c(data)
-
-
 def read_events(path):
     return list(event_file_loader.LegacyEventFileLoader(str(path)).Load())
 
