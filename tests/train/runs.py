@@ -19,11 +19,11 @@ def make_parts(root: Path) -> dict[str, Path]:
     from flax import nnx
 
     from sdxl_jax.models.vae import AutoencoderKL, VAEConfig
-    from sdxl_jax.train import curriculum
+    from sdxl_jax.train import tiny_frozen
     from sdxl_jax.weights import diffusers_io
     from tests.data.fixtures import prepared_dataset
 
-    curriculum.build_tiny_frozen(root / "frozen")
+    tiny_frozen.build_tiny_frozen(root / "frozen")
     vae = AutoencoderKL(VAEConfig.tiny(), rngs=nnx.Rngs(0))
     diffusers_io.save_component(vae, root / "vae_export", "vae")
     data, _ = prepared_dataset(root / "data", 96, ("tiny_square_32", "tiny_aspect_64"))
