@@ -199,18 +199,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for img, rec in zip(batch.images, batch.records, strict=True):
             folder.write(img, {k: paths[k] if k in paths else rec[k] for k in RECORD_KEYS})
         batch_s.append(batch.seconds)
-    steady = batch_s[1:] or batch_s  # the first batch includes compilation
     return folder.finish(
         settings={k: val for k, val in vars(args).items()},
         devices=[str(d) for d in gen.mesh.devices.flat],
         dtype=str(jnp.dtype(gen.dtype)),
-        timings=dict(
-            load_s=round(gen.load_s, 3),
-            first_batch_s=round(batch_s[0], 3),
-            steady_batch_s=round(float(np.mean(steady)), 3),
-            seconds_per_image=round(float(np.mean(steady)) / gen.batch_size, 4),
-            total_s=round(time.perf_counter() - t_start, 3),
-        ),
+        timings=gen.timings(batch_s, t_start),
     )
 
 

@@ -304,18 +304,22 @@ class Generator:
         """Run ``request``; all images in memory (use :meth:`batches` for large runs)."""
         t0 = time.perf_counter()
         done = list(self.batches(request))
-        seconds = [b.seconds for b in done]
-        steady = seconds[1:] or seconds  # the first batch includes compilation
         return Generation(
             images=np.concatenate([b.images for b in done]),
             records=[r for b in done for r in b.records],
-            timings=dict(
-                load_s=round(self.load_s, 3),
-                first_batch_s=round(seconds[0], 3),
-                steady_batch_s=round(float(np.mean(steady)), 3),
-                seconds_per_image=round(float(np.mean(steady)) / self.batch_size, 4),
-                total_s=round(time.perf_counter() - t0, 3),
-            ),
+            timings=self.timings([b.seconds for b in done], t0),
+        )
+
+    def timings(self, batch_seconds: list[float], started: float) -> dict[str, float]:
+        """Load time, the first batch (with compilation), the steady state after it, and the
+        total since ``started`` (a ``time.perf_counter()`` value)."""
+        steady = float(np.mean(batch_seconds[1:] or batch_seconds))
+        return dict(
+            load_s=round(self.load_s, 3),
+            first_batch_s=round(batch_seconds[0], 3),
+            steady_batch_s=round(steady, 3),
+            seconds_per_image=round(steady / self.batch_size, 4),
+            total_s=round(time.perf_counter() - started, 3),
         )
 
     def _run(self, r: Request, prompts: list[str], full: list[int]) -> np.ndarray:
