@@ -17,6 +17,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first: with ``-n 2`` the long runs start early and share out between the two
+    workers instead of one of them finishing the suite alone (longest-first scheduling)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     """Tiny random SDXL base and refiner saved by diffusers: (base_dir, refiner_dir)."""
