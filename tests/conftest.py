@@ -18,9 +18,36 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow tests first: with ``-n 2`` the long runs start early and share out between the two
-    workers instead of one of them finishing the suite alone (longest-first scheduling)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Share the slow tests out between xdist workers, longest module first (a module's slow tests
+    stay together: they share module fixtures). xdist's load scheduler starts worker k on
+    ``items[k * chunk:(k + 1) * chunk]`` (chunk = n // workers // 4) and hands out the rest on
+    demand, so each chunk starts with its share of slow tests and the fast ones fill the gaps.
+    Only the order changes; if the shares do not fit, the order stays as collected."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 0)
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if workers < 2 or not slow:
+        return
+    rest = [item for item in items if not item.get_closest_marker("slow")]
+    modules: dict[str, list] = {}
+    for item in slow:
+        modules.setdefault(item.module.__name__, []).append(item)
+
+    def seconds(group: list) -> float:
+        return sum(item.get_closest_marker("slow").kwargs.get("seconds", 30) for item in group)
+
+    heads: list[list] = [[] for _ in range(workers)]
+    for group in sorted(modules.values(), key=seconds, reverse=True):
+        lightest = min(range(workers), key=lambda k: seconds(heads[k]))
+        heads[lightest] += group
+    chunk = max(len(items) // workers // 4, 2)
+    if any(len(head) > chunk for head in heads):
+        return
+    order = []
+    for head in heads:
+        fill = chunk - len(head)
+        order += head + rest[:fill]
+        rest = rest[fill:]
+    items[:] = order + rest
 
 
 @pytest.fixture(scope="session")

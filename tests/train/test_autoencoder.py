@@ -203,7 +203,7 @@ def torch_lpips(vgg, heads, x0, x1):
     return total
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=15)
 def test_loss_and_adaptive_weight_match_ldm_in_torch(task, data, lpips_file, tmp_path):
     """LDM's LPIPSWithDiscriminator (L1 + LPIPS, logvar 0, KL, hinge generator term) and its
     calculate_adaptive_weight by torch autograd on diffusers' AutoencoderKL with the same

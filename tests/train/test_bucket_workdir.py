@@ -22,7 +22,7 @@ def logged_steps(path):
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=85)
 def test_a_fresh_host_resumes_from_the_bucket(parts, gcs_bucket, monkeypatch, tmp_path):
     bucket = epath.Path(f"{gcs_bucket}/{tmp_path.name}/run")
     monkeypatch.setenv("SDXL_LOCAL_DIR", str(tmp_path / "fetched"))

@@ -45,7 +45,7 @@ def uninterrupted(parts, tmp_path_factory):
     return workdir
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=150)
 def test_sigkill_and_sigterm_resume_with_the_same_losses(parts, uninterrupted, tmp_path):
     reference = losses(uninterrupted)
     assert sorted(reference) == list(range(1, STEPS + 1))
@@ -90,7 +90,7 @@ def test_sigkill_and_sigterm_resume_with_the_same_losses(parts, uninterrupted, t
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 def test_stage_hand_off_starts_from_the_previous_stage_ema(parts, uninterrupted):
     # The final checkpoint's EMA (read back by orbax alone) is what base_1024 starts from,
     # not its raw params.
@@ -111,7 +111,7 @@ def test_stage_hand_off_starts_from_the_previous_stage_ema(parts, uninterrupted)
     )
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 def test_export_opens_in_diffusers_and_matches_the_ema_unet(uninterrupted):
     import torch
     from diffusers import StableDiffusionXLPipeline
@@ -133,7 +133,7 @@ def test_export_opens_in_diffusers_and_matches_the_ema_unet(uninterrupted):
     assert isinstance(pipe.unet.conv_in.weight, torch.nn.Parameter)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 def test_a_run_of_non_finite_steps_stops_without_checkpointing_it(parts, tmp_path):
     # lr 1e30: the first update is finite but enormous, every later loss overflows, so every
     # later step is skipped; three in a row stop the run.

@@ -36,7 +36,7 @@ def trace(workdir: Path, process: int) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=170)
 def test_two_processes_train_like_one_and_their_checkpoint_continues_in_one(
     parts, gcs_bucket, monkeypatch, tmp_path
 ):

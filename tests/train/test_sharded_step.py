@@ -32,7 +32,7 @@ def cached_batch(cfg: UNetConfig, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)
 def test_fsdp_tensor_sharded_step_equals_unsharded():
     # Two levels keep the two compilations (plain and 8-way sharded) short on CPU.
     cfg = UNetConfig.tiny(
@@ -84,7 +84,7 @@ def test_fsdp_tensor_sharded_step_equals_unsharded():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 def test_fsdp_step_splits_the_work_over_the_devices():
     """With fsdp=8 each device computes about 1/8 of the step: the activations stay split over
     the batch (layers.constrain_batch) instead of being gathered to meet the sharded weights

@@ -34,7 +34,7 @@ def shorten(c, data) -> None:
         c.model.preset = c.model.preset.replace("tiny", "micro")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=165)
 def test_tiny_variants_of_every_stage_run_in_curriculum_order(tmp_path):
     data, _ = prepared_dataset(
         tmp_path / "data", 64, ("tiny_square_32", "tiny_square_64", "tiny_aspect_64")

@@ -29,7 +29,7 @@ def _forward(model, *args):
     return model(*args)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 def test_refiner_from_base_equals_the_base_without_clip_l_and_target_size():
     base_cfg = config_lib.unet_config("micro")
     ref_cfg = config_lib.unet_config("micro_refiner")
