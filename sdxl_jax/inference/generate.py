@@ -19,14 +19,15 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sdxl_jax.data.buckets import SDXL_BUCKETS
 from sdxl_jax.diffusion.schedule import KARRAS_SAMPLERS, SamplerSteps, sampler_steps
-from sdxl_jax.inference import checkpoints
-from sdxl_jax.inference.checkpoints import StageInfo
+
+if TYPE_CHECKING:  # the checks import the weight readers (flax): only when a command runs
+    from sdxl_jax.inference.checkpoints import StageInfo
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -59,6 +60,8 @@ def check_models(
     tokenizers: str | Path | None = None,
 ) -> Models:
     """Check a base (or, for img2img, a refiner) checkpoint, an optional refiner and VAE."""
+    from sdxl_jax.inference import checkpoints
+
     try:
         base = checkpoints.check_stage(checkpoint, need_vae=vae is None)
         ref = checkpoints.check_stage(refiner, need_vae=False) if refiner else None
@@ -153,7 +156,9 @@ def make_request(
     if refiner is not None and not 0 < handoff < 1:
         raise UsageError(f"--handoff must be in (0, 1), got {handoff}")
     height, width = _size(models, height, width, init_image)
-    sampler = sampler or checkpoints.default_sampler(base.path)
+    from sdxl_jax.inference.checkpoints import default_sampler
+
+    sampler = sampler or default_sampler(base.path)
     # The checkpoint's scheduler may ask for Karras sigmas (diffusers honours it; so do we).
     karras = karras or (base.schedule.use_karras_sigmas and sampler in KARRAS_SAMPLERS)
     kw = dict(spacing=spacing, karras=karras)
