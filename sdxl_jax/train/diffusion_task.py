@@ -337,8 +337,8 @@ class DiffusionTask:
         if self.refiner:
             context = context[..., -self.unet_config.cross_attention_dim :]
         dtype = jnp.dtype(self.config.model.compute_dtype)
-        cast = lambda: jax.tree.map(lambda a: a.astype(dtype), params)
-        unet = lambda: nnx.merge(self.graphs.unet, cast())
+        cast = jax.tree.map(lambda a: a.astype(dtype), params)  # once, not in every step
+        unet = lambda: nnx.merge(self.graphs.unet, cast)  # noqa: E731
         pos = (context, pooled, tids)
         neg = (jnp.zeros_like(context), jnp.zeros_like(pooled), tids)
         arrays = {k: jnp.asarray(v) for k, v in p.arrays().items()}

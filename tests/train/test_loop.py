@@ -134,6 +134,27 @@ def test_export_opens_in_diffusers_and_matches_the_ema_unet(uninterrupted):
 
 
 @pytest.mark.slow(seconds=20)
+def test_training_previews_sample_what_the_export_samples(parts, uninterrupted):
+    """A preview of the final EMA weights (DDIM, trailing steps, zeroed negative text) equals
+    ``generate()`` on the exported folder with those settings: the weights, schedule and
+    conditioning reach the export as the trainer used them."""
+    from sdxl_jax.inference import generate
+
+    c = config_with(base_256, parts, init_from="base_256")  # the task starts from its final EMA
+    task = DiffusionTask(c, sharding.make_mesh(dict(c.mesh)), uninterrupted)
+    prompts = ["a red circle in the top left", "a blue square in the bottom right"]
+    preview = task.sample(task.init_state().params, prompts, size=(32, 32), steps=4, seed=3)
+    export = uninterrupted / "base_256" / "export"
+    got = generate.generate(
+        prompts, export, sampler="ddim", spacing="trailing", steps=4, guidance=4.0,
+        height=32, width=32, seed=3,
+    )  # fmt: skip
+    diff = np.abs(preview.astype(int) - got.images.astype(int))
+    assert preview.std() > 5  # not a blank picture
+    assert diff.max() <= 1 and diff.mean() < 0.05
+
+
+@pytest.mark.slow(seconds=20)
 def test_a_run_of_non_finite_steps_stops_without_checkpointing_it(parts, tmp_path):
     # lr 1e30: the first update is finite but enormous, every later loss overflows, so every
     # later step is skipped; three in a row stop the run.
