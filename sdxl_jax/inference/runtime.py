@@ -11,6 +11,7 @@ the mesh's batch axes; weights are replicated. :func:`denoise_latents` and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -334,16 +335,27 @@ def load_vae(path: str | Path, mesh: Mesh, *, progress: bool = False) -> VAERunn
 def initial_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
     """Unit Gaussian latents [len(indices), h, w, 4]; image k of a run always gets the same
     noise whatever the batch size (key = fold_in(seed, k))."""
-    base = jax.random.key(seed)
-    return np.stack(
-        [np.asarray(jax.random.normal(jax.random.fold_in(base, k), shape)) for k in indices]
-    )
+    return np.asarray(_noise(image_keys_from(jax.random.key(seed), indices), shape))
 
 
 def image_keys(seed: int, stream: int, indices: Sequence[int]) -> jax.Array:
     """[len(indices)] PRNG keys, image k's from (seed, stream, k): independent of batching."""
-    base = jax.random.fold_in(jax.random.key(seed), 0x5D1 + stream)
-    return jnp.stack([jax.random.fold_in(base, k) for k in indices])
+    return image_keys_from(jax.random.fold_in(jax.random.key(seed), 0x5D1 + stream), indices)
+
+
+def image_keys_from(base: jax.Array, indices: Sequence[int]) -> jax.Array:
+    """fold_in(base, k) for every k of ``indices``, in one call (not one dispatch per image)."""
+    return _fold_in(base, jnp.asarray(list(indices), jnp.uint32))
+
+
+@jax.jit
+def _fold_in(base: jax.Array, ks: jax.Array) -> jax.Array:
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, ks)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _noise(keys: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
 
 
 def padded(n: int, multiple: int) -> int:
