@@ -7,7 +7,17 @@ Examples:
   python -m sdxl_jax.sample --checkpoint sdxl-base/ --init-image cat.png --strength 0.3 \\
       --prompt "a cat, oil painting" --out out/
 
-Writes one PNG per image (its settings in a PNG text chunk), grid.png and manifest.json.
+Evaluation (`--eval`): generate for a prompt set and score the images, e.g. the paper's FID
+against CLIP score over guidance scales on COCO captions:
+  python -m sdxl_jax.sample --checkpoint sdxl-base/ --prompt-set coco_val_prepared/ \
+      --eval fid,clip --eval-count 5000 --guidance 1.5,3,5,8 \
+      --inception pt_inception-2015-12-05.safetensors --clip clip-vit-large-patch14/ --out ev/
+  python -m sdxl_jax.sample --checkpoint sdxl-base/ --prompt-set PartiPrompts.tsv --eval clip \
+      --clip clip-vit-large-patch14/ --out parti/     # per-category CLIP scores
+
+Writes one PNG per image (its settings in a PNG text chunk), grid.png and manifest.json; with
+--eval also eval.json (settings, counts, every metric, per-category rows, timings) and, for
+several --guidance values, one image folder per scale and sweep.png (FID against CLIP score).
 """
 
 from __future__ import annotations
@@ -55,7 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("prompts")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    src.add_argument("--prompts-file", help="a text file, one prompt per line")
+    src.add_argument("--prompts-file", help="a text file, one prompt per line (or a .tsv/.csv "
+                     "prompt set, as --prompt-set)")  # fmt: skip
+    src.add_argument("--prompt-set", help="a prompt file (.txt one per line, PartiPrompts .tsv, "
+                     "DrawBench .csv), a prepared dataset (its captions; its images are the FID "
+                     "reference) or 'synthetic' (the synthetic dataset's 72 captions)")  # fmt: skip
     g.add_argument(
         "--negative-prompt",
         help="default: none (the base zeroes its negative conditioning, as SDXL does)",
@@ -65,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: model's, 1024)")
     g.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: model's, 1024)")
     g.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    g.add_argument("--guidance", type=float, default=5.0, help="CFG scale; 1 = off (default 5)")
+    g.add_argument("--guidance", type=_floats, default=(5.0,),
+                   help="CFG scale; 1 = off (default 5); with --eval a comma-separated list "
+                   "runs a sweep (1.5,3,5,8)")  # fmt: skip
     g.add_argument(
         "--sampler",
         choices=SAMPLERS,
@@ -99,19 +115,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=192,
         help="decode in overlapping tiles of this many latents when larger (0: never)",
     )
+    g = p.add_argument_group("evaluation (--eval)")
+    g.add_argument("--eval", help="score the images: a comma-separated list of fid, kid, is, "
+                   "clip, synthetic")  # fmt: skip
+    g.add_argument("--eval-count", type=int, help="a deterministic subset of this many prompts")
+    g.add_argument("--eval-seed", type=int, default=0, help="seed of that subset (0)")
+    g.add_argument("--inception", help="FID Inception weights .safetensors (pytorch-fid's, "
+                   "converted; see python -m sdxl_jax.eval --help)")  # fmt: skip
+    g.add_argument("--inception-mode", choices=("pytorch-fid", "clean"), default="pytorch-fid",
+                   help="Inception input handling (pytorch-fid: bilinear in the model; clean: "
+                   "clean-fid's PIL bicubic resize)")  # fmt: skip
+    g.add_argument("--dims", type=int, default=2048, choices=(64, 192, 768, 2048),
+                   help="FID feature layer (2048: pool3)")  # fmt: skip
+    g.add_argument("--ref", help="FID reference: image folder, prepared dataset or stats .npz "
+                   "(default with a dataset --prompt-set: the same records' images)")  # fmt: skip
+    g.add_argument("--clip", help="CLIP score model: a transformers CLIPModel folder")
+    g.add_argument("--stats-cache", help="reference statistics cache (default "
+                   "$SDXL_CACHE_DIR/fid_stats or ~/.cache/sdxl_jax/fid_stats)")  # fmt: skip
     return p.parse_args(argv)
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one number")
+    return values
+
+
+def read_prompts(args: argparse.Namespace) -> Any:
+    """The prompts as a ``PromptSet`` (``--eval-count`` applied)."""
+    from sdxl_jax.eval import prompts as prompts_lib
+
     if args.prompt:
-        return list(args.prompt)
-    path = Path(args.prompts_file)
-    if not path.exists():
-        raise UsageError(f"--prompts-file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError(f"--prompts-file {path} holds no prompts (one per line)")
-    return prompts
+        found = prompts_lib.PromptSet(
+            "--prompt", "text", tuple(map(prompts_lib.Prompt, args.prompt))
+        )
+    else:
+        flag, spec = (
+            ("--prompts-file", args.prompts_file) if args.prompts_file
+            else ("--prompt-set", args.prompt_set)
+        )  # fmt: skip
+        try:
+            found = prompts_lib.load(spec)
+        except prompts_lib.PromptSetError as e:
+            raise UsageError(f"{flag}: {e}") from e
+    try:
+        return found.subset(args.eval_count, args.eval_seed)
+    except prompts_lib.PromptSetError as e:
+        raise UsageError(str(e)) from e
 
 
 def read_image(path: str, height: int | None, width: int | None) -> np.ndarray:
@@ -139,14 +193,19 @@ class Job:
     """The command line, checked: the models to load and the request to run."""
 
     models: Models
-    request: Request
+    request: Request  # at the first --guidance value
+    prompt_set: Any  # eval.prompts.PromptSet
+    guidance: tuple[float, ...]
+    options: dict[str, Any]  # make_request's keyword arguments apart from the guidance
+    eval: Any = None  # eval.run.EvalSpec with --eval
 
 
 def validate(args: argparse.Namespace) -> Job:
     """Everything checkable from arguments and configs, before weights load or code compiles."""
     from sdxl_jax.inference.generate import check_models, make_request
 
-    prompts = read_prompts(args)
+    prompt_set = read_prompts(args)
+    spec = eval_spec(args, prompt_set)
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     models = check_models(
@@ -158,22 +217,44 @@ def validate(args: argparse.Namespace) -> Job:
             raise UsageError(f"--init-image {args.init_image} does not exist")
         image = read_image(args.init_image, args.height, args.width)
     noise = np.load(args.noise) if args.noise else None
+    options = dict(
+        negative_prompt=args.negative_prompt, num_images=args.num_images, height=args.height,
+        width=args.width, steps=args.steps, sampler=args.sampler, karras=args.karras,
+        spacing=args.spacing, seed=args.seed, noise=noise, handoff=args.handoff,
+        init_image=image, strength=args.strength,
+    )  # fmt: skip
     try:
-        request = make_request(
-            models, prompts, negative_prompt=args.negative_prompt, num_images=args.num_images,
-            height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
-            sampler=args.sampler, karras=args.karras, spacing=args.spacing, seed=args.seed,
-            noise=noise, handoff=args.handoff, init_image=image, strength=args.strength,
-        )  # fmt: skip
+        request = make_request(models, prompt_set.texts, guidance=args.guidance[0], **options)
     except UsageError as e:
         if str(e).startswith("--noise is"):  # name the file
             raise UsageError(f"--noise {args.noise}{str(e)[len('--noise') :]}") from e
         raise
-    return Job(models, request)
+    return Job(models, request, prompt_set, tuple(args.guidance), options, spec)
+
+
+def eval_spec(args: argparse.Namespace, prompt_set: Any) -> Any:
+    """``--eval``'s settings, checked (weights files exist, a reference where FID needs one);
+    None without --eval."""
+    from sdxl_jax.eval import evaluators, folders, run
+
+    if not args.eval:
+        if len(args.guidance) > 1:
+            raise UsageError("several --guidance values are a sweep: add --eval METRICS")
+        return None
+    try:
+        spec = run.EvalSpec(
+            evaluators.parse_metrics(args.eval), inception=args.inception, clip=args.clip,
+            ref=args.ref, dims=args.dims, mode=args.inception_mode, cache_dir=args.stats_cache,
+        )  # fmt: skip
+        spec.check(prompt_set)
+    except folders.EvalInputError as e:
+        raise UsageError(str(e)) from e
+    return spec
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Validate, load, generate, write; returns the manifest."""
+    """Validate, load, generate, write (and with --eval score); returns the manifest (or with
+    --eval the report written to eval.json)."""
     t_start = time.perf_counter()
     job = validate(args)
     origin = getattr(args, "origin", {})  # set by main for gs:// checkpoints
@@ -183,27 +264,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from sdxl_jax.inference.generate import Generator
     from sdxl_jax.inference.outputs import ImageFolder
 
+    scorers = None
+    if job.eval is not None:  # extractors and reference statistics first: errors come early
+        from sdxl_jax.eval import run as eval_run
+
+        scorers = eval_run.load_scorers(job.eval, job.prompt_set)
     gen = Generator(
         job.models, dtype=args.dtype, batch_size=args.batch_size, vae_tile=args.vae_tile,
         progress=True,
     )  # fmt: skip
-    folder = ImageFolder(args.out, grid=not args.no_grid)
     # The library's settings of each image, plus where noise, images and weights came from.
     paths = dict(
         noise=args.noise, init_image=args.init_image,
         checkpoint=origin.get("checkpoint", str(args.checkpoint)),
         refiner=origin.get("refiner", args.refiner),
     )  # fmt: skip
+    params = lambda rec: {k: paths[k] if k in paths else rec[k] for k in RECORD_KEYS}  # noqa: E731
+    settings = {k: val for k, val in vars(args).items() if k != "origin"}
+    if scorers is not None:
+        return eval_run.evaluate_generation(
+            gen, job.prompt_set, scorers, out=args.out, guidance=job.guidance,
+            request=job.options, settings=settings, image_params=params,
+        )  # fmt: skip
+    folder = ImageFolder(args.out, grid=not args.no_grid)
     batch_s = []
     for batch in gen.batches(job.request):
         for img, rec in zip(batch.images, batch.records, strict=True):
-            folder.write(img, {k: paths[k] if k in paths else rec[k] for k in RECORD_KEYS})
+            folder.write(img, params(rec))
         batch_s.append(batch.seconds)
     return folder.finish(
-        settings={k: val for k, val in vars(args).items()},
+        settings=settings,
         devices=[str(d) for d in gen.mesh.devices.flat],
         dtype=str(jnp.dtype(gen.dtype)),
         timings=gen.timings(batch_s, t_start),
+    )
+
+
+def summary(manifest: dict[str, Any], out: str) -> str:
+    """What the run did, in a few lines (for stderr)."""
+    if "results" in manifest:  # --eval
+        lines = []
+        for row in manifest["results"]:
+            scores = {k: v for k, v in row.items() if isinstance(v, float) and k != "guidance"}
+            text = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+            lines.append(f"guidance {row['guidance']:g}: {text}")
+            lines += [f"  warning: {w}" for w in row.get("warnings", [])]
+        return "\n".join(lines + [f"wrote {out}/eval.json ({manifest['total_s']:.0f} s)"])
+    t = manifest["timings"]
+    return (
+        f"wrote {len(manifest['images'])} images to {out} "
+        f"(load {t['load_s']:.1f} s, first batch {t['first_batch_s']:.1f} s incl. compile, "
+        f"{t['seconds_per_image']:.2f} s/image after)"
     )
 
 
@@ -227,13 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    t = manifest["timings"]
-    print(
-        f"wrote {len(manifest['images'])} images to {args.out} "
-        f"(load {t['load_s']:.1f} s, first batch {t['first_batch_s']:.1f} s incl. compile, "
-        f"{t['seconds_per_image']:.2f} s/image after)",
-        file=sys.stderr,
-    )
+    print(summary(manifest, args.out), file=sys.stderr)
     return 0
 
 
