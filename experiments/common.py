@@ -88,6 +88,30 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
             "trace_data": False,
         }
     )
+    # Evaluation during training (sdxl_jax/train/evaluation.py): every `every_steps` steps (0:
+    # off) and at the end, the EMA weights sample `prompts` (a prompt file, a prepared dataset,
+    # "synthetic"; `count` of them by `seed`, 0: all) with DDIM and the metrics are logged as
+    # eval/<metric>. fid/kid/is need `inception` (pytorch-fid's weights as safetensors) and,
+    # for fid/kid, `ref` (images, a dataset or stats .npz; default: a dataset prompt set's own
+    # images); clip needs `clip` (a transformers CLIPModel folder).
+    c.eval = ml_collections.ConfigDict(
+        {
+            "every_steps": 0,
+            "metrics": "fid,clip",
+            "prompts": "",
+            "count": 0,
+            "seed": 0,
+            "inception": "",
+            "clip": "",
+            "ref": "",
+            "dims": 2048,
+            "mode": "pytorch-fid",
+            "steps": 20,
+            "guidance": 4.0,
+            "size": 0,
+            "batch_size": 16,
+        }
+    )
     c.max_bad_steps = 10  # non-finite updates in a row before the run stops
     return c
 
@@ -127,6 +151,11 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 200
     c.log.every_steps = 20
     c.log.sample_every_steps = 200
+    # At toy size the exact synthetic scorer is the metric: every caption, 72 images
+    # (enable with --config.eval.every_steps=N).
+    c.eval.metrics = "synthetic"
+    c.eval.prompts = "synthetic"
+    c.eval.batch_size = 24
     c.log.sample_prompts = (
         "a red circle in the top left",
         "a blue square in the bottom right",

@@ -11,7 +11,8 @@
    inputs, see :mod:`sdxl_jax.train.warm_start`); the paper trains its refiner apart;
 
 then samples every caption of the synthetic dataset with the base + refiner exports through
-``sdxl_jax.inference.generate`` and prints the exact caption-match scores
+``sdxl_jax.inference.generate`` and the evaluation framework (``sdxl_jax.eval``, the synthetic
+evaluator) and prints the exact caption-match scores
 (:mod:`sdxl_jax.data.synthetic`) next to chance. The frozen text encoders are tiny random CLIPs
 with a tokenizer for the synthetic vocabulary (``<workdir>/frozen``). Rerunning the command
 resumes: finished stages are skipped, an interrupted one continues from its last checkpoint.
@@ -54,39 +55,37 @@ def stage_configs(steps: dict[str, int] | None = None) -> list[Any]:
 
 
 def evaluate(workdir: Path, *, base: Path, refiner: Path | None) -> dict[str, Any]:
-    """Sample every synthetic caption with base (+ refiner), write the images, score them."""
+    """Sample every synthetic caption with base (+ refiner) and score the images with the
+    synthetic evaluator, through the evaluation framework (``sdxl_jax.eval.run``) that
+    ``python -m sdxl_jax.sample --eval synthetic`` uses: images, manifest and ``eval.json`` in
+    ``<workdir>/eval``."""
     from sdxl_jax.data import synthetic
+    from sdxl_jax.eval import prompts, run
     from sdxl_jax.inference import generate
-    from sdxl_jax.inference.outputs import ImageFolder
 
-    out = workdir / "eval"
-    captions = synthetic.all_captions() if hasattr(synthetic, "all_captions") else _captions()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prompts.txt").write_text("\n".join(captions) + "\n")
     t0 = time.perf_counter()
+    prompt_set = prompts.load(prompts.SYNTHETIC)
+    scorers = run.load_scorers(run.EvalSpec(("synthetic",)), prompt_set)
     models = generate.check_models(base, refiner=refiner)
-    request = generate.make_request(
-        models, captions, num_images=EVAL["images_per_caption"], steps=EVAL["steps"],
-        guidance=EVAL["guidance"], sampler="ddim", height=EVAL["size"], width=EVAL["size"],
-        seed=EVAL["seed"],
+    generator = generate.Generator(models, batch_size=48, progress=True)  # fp32 on CPU
+    report = run.evaluate_generation(
+        generator, prompt_set, scorers, out=workdir / "eval", guidance=[EVAL["guidance"]],
+        request=dict(
+            num_images=EVAL["images_per_caption"], steps=EVAL["steps"], sampler="ddim",
+            height=EVAL["size"], width=EVAL["size"], seed=EVAL["seed"],
+        ),
+        settings=dict(checkpoint=str(base), refiner=str(refiner) if refiner else None, **EVAL),
     )  # fmt: skip
-    result = generate.Generator(models, batch_size=48, progress=True)(request)  # fp32 on CPU
-    folder = ImageFolder(out / "images")
-    for img, record in zip(result.images, result.records, strict=True):
-        folder.write(img, record)
-    gen_settings = dict(checkpoint=str(base), refiner=str(refiner) if refiner else None, **EVAL)
-    folder.finish(settings=gen_settings, timings=result.timings)
-    scores = synthetic.accuracy(list(result.images), [r["prompt"] for r in result.records])
-    result = {
-        "scores": scores,
+    row = report["results"][0]
+    keys = ("colour", "shape", "position", "all")
+    return {
+        "scores": {k: row[f"synthetic_{k}"] for k in keys},
         "chance": synthetic.chance_levels(),
-        "images": len(result.images),
+        "images": row["synthetic_images"],
         "settings": EVAL,
         "refiner": refiner is not None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / "scores.json").write_text(json.dumps(result, indent=2))
-    return result
 
 
 def _captions() -> list[str]:

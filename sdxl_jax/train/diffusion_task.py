@@ -352,12 +352,16 @@ class DiffusionTask:
         prompts = list(self.config.log.get("sample_prompts", []) or [])
         if not prompts:
             return None
+        images = self.sample(state.ema, prompts, size=self.default_size())
+        return grid(images)
+
+    def default_size(self) -> tuple[int, int]:
+        """Previews' and evaluations' image size: ``log.sample_size``, else the model's."""
         side = int(
             self.config.log.get("sample_size", 0)
             or self.unet_config.sample_size * self.vae_config.downscale
         )
-        images = self.sample(state.ema, prompts, size=(side, side))
-        return grid(images)
+        return side, side
 
     def export(self, state: Any, out: Path) -> Path:
         """A complete diffusers folder: the EMA UNet, the frozen parts, the scheduler. Every

@@ -40,6 +40,7 @@ from sdxl_jax import workdir as workdir_lib
 from sdxl_jax.data import pipeline as data_pipeline
 from sdxl_jax.train import config as config_lib
 from sdxl_jax.train import policies
+from sdxl_jax.train.evaluation import Evaluations
 from sdxl_jax.train.policies import Diverged as Diverged  # callers catch loop.Diverged
 
 
@@ -218,6 +219,7 @@ def _run(
     mirror = policies.Mirror(wd, config.stage, log, trace, lead)
     saver = policies.Checkpointing(ckpts, it, config, total, saved=latest, after_save=mirror)
     previews = policies.Previews(task, config, log)
+    evals = Evaluations(task, config, log)
     bad = policies.NonFiniteStreak(config, int(state.bad_streak), ckpts.latest_step)
     late = policies.OneStepLate(bad.check, log.add)  # in order: a diverged step is not logged
 
@@ -234,6 +236,7 @@ def _run(
                     late.drain()  # know this step's outcome before saving it
                     saver.periodic(done, state, in_bad_run=bad.in_run)
                 previews.maybe(done, state)
+                evals.maybe(done, state)
                 if reason := stopping.reason(done):
                     late.drain()
                     saver.final(done, state)
@@ -250,7 +253,8 @@ def _run(
     summary = {"stage": config.stage, "status": status, "step": done, **log.progress.summary()}
     export = None
     if status == "finished":
-        export = _finish(task, state, done, saver, previews, mirror, summary, stage_dir, say)
+        export = _finish(task, state, done, saver, (previews, evals), mirror, summary, stage_dir,
+                         say)  # fmt: skip
     ckpts.close()
     log.close()
     return StageResult(config.stage, status, done, export, summary)
@@ -318,23 +322,28 @@ def _finish(
     state: Any,
     step: int,
     saver: policies.Checkpointing,
-    previews: policies.Previews,
+    samplers: tuple[policies.Previews, Evaluations],
     mirror: policies.Mirror,
     summary: dict[str, Any],
     stage_dir: Path,
     say: Callable[..., None],
 ) -> Path:
-    """The end of a stage: the last checkpoint, the final EMA, the export, a last preview,
-    ``summary.json`` (completed in ``summary``), the last upload. Returns the export."""
+    """The end of a stage: the last checkpoint, the final EMA, the export, a last preview and
+    evaluation, ``summary.json`` (completed in ``summary``), the last upload. Returns the
+    export."""
     saver.final(step, state)
     saver.ckpts.save_final_ema(state.ema)
     # Every process: gathering the sharded weights is collective; process 0 writes.
     export = task.export(state, stage_dir / "export")
+    previews, evals = samplers
     previews.final(step, state)
+    evals.final(step, state)
+    if evals.last is not None:
+        summary["eval"] = evals.last
     summary["skipped_steps"] = int(state.skipped)
     summary["export"] = str(export) if export else None
     if jax.process_index() == 0:
-        (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     mirror()
     say(
         f"[{summary['stage']}] done: {step} steps in {summary.get('wall_s', 0):.0f} s, "

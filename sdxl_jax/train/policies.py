@@ -204,6 +204,14 @@ class MetricsLog:
         self._sums.clear()
         self._count = 0
 
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Scalars outside the training average (evaluations), to TensorBoard and JSONL."""
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.scalar(k, v, step)
+            self.writer.flush()
+            self.jsonl.write(step, values)
+
     def image(self, tag: str, image: np.ndarray | None, step: int) -> None:
         if image is not None and self.writer is not None:
             self.writer.image(tag, image, step)
