@@ -115,6 +115,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=192,
         help="decode in overlapping tiles of this many latents when larger (0: never)",
     )
+    _eval_arguments(p)
+    return p.parse_args(argv)
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation (--eval)")
     g.add_argument("--eval", help="score the images: a comma-separated list of fid, kid, is, "
                    "clip, synthetic")  # fmt: skip
@@ -132,7 +137,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--clip", help="CLIP score model: a transformers CLIPModel folder")
     g.add_argument("--stats-cache", help="reference statistics cache (default "
                    "$SDXL_CACHE_DIR/fid_stats or ~/.cache/sdxl_jax/fid_stats)")  # fmt: skip
-    return p.parse_args(argv)
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -63,6 +63,7 @@ RULES = (
             "sdxl_jax.inference",
             "sdxl_jax.sample",
             "sdxl_jax.conditioning",
+            "sdxl_jax.eval",
         ),
         "models/ are pure Flax modules and configs; checkpoint names live in weights/",
     ),
@@ -81,8 +82,20 @@ RULES = (
             "sdxl_jax.inference",
             "sdxl_jax.train",
             "sdxl_jax.conditioning",
+            "sdxl_jax.eval",
         ),
         "data/ comes first in the data flow: it imports no later stage",
+    ),
+    Rule(
+        ("sdxl_jax.inference",),
+        ("sdxl_jax.eval", "sdxl_jax.train", "sdxl_jax.sample"),
+        "inference/ generates images; scoring them (eval/) and training build on it",
+    ),
+    Rule(
+        ("sdxl_jax.eval",),
+        ("sdxl_jax.train", "sdxl_jax.sample"),
+        "eval/ scores images (from generate() or a folder); training and the sampling CLI "
+        "call it, never the other way",
     ),
     Rule(
         ("sdxl_jax",),

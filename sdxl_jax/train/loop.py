@@ -218,8 +218,7 @@ def _run(
     )
     mirror = policies.Mirror(wd, config.stage, log, trace, lead)
     saver = policies.Checkpointing(ckpts, it, config, total, saved=latest, after_save=mirror)
-    previews = policies.Previews(task, config, log)
-    evals = Evaluations(task, config, log)
+    previews, evals = policies.Previews(task, config, log), Evaluations(task, config, log)
     bad = policies.NonFiniteStreak(config, int(state.bad_streak), ckpts.latest_step)
     late = policies.OneStepLate(bad.check, log.add)  # in order: a diverged step is not logged
 
