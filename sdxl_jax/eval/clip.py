@@ -105,7 +105,12 @@ class CLIPEmbedder:
 
     def image_embeds(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """uint8 [N, H, W, 3], or a list of uint8 [H, W, 3] of any sizes -> float64 [N, P]."""
-        if isinstance(images, np.ndarray) and images.ndim == 4:
+        if isinstance(images, np.ndarray):
+            if images.ndim != 4:  # one [H, W, 3] image would be read as H grey rows
+                raise ValueError(
+                    f"image_embeds takes uint8 [N, H, W, 3] or a list of [H, W, 3] images, got "
+                    f"an array of shape {images.shape}"
+                )
             images = list(images)
         if len(images) == 0:
             return np.zeros((0, self.vision_config.projection_dim))

@@ -143,6 +143,11 @@ def test_embedder_errors(clip_folder, tmp_path):
         CLIPEmbedder(tmp_path / "absent")
     with pytest.raises(ValueError, match="multiple of the 8 devices"):
         CLIPEmbedder(folder, batch_size=12)
+    emb = CLIPEmbedder(folder, batch_size=8)
+    with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\]"):
+        emb.image_embeds(np.zeros((40, 40, 3), np.uint8))
+    with pytest.raises(ValueError, match="must be uint8"):
+        emb.image_embeds([np.zeros((40, 40, 3), np.float32)])
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
         CLIPEmbedder(tmp_path, batch_size=8)

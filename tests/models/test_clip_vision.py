@@ -148,8 +148,8 @@ def test_config_errors():
     with pytest.raises(ValueError, match="heads"):
         configs.clip_vision_from_reference({"hidden_size": 100, "num_attention_heads": 12})
     with pytest.raises(ValueError, match=r"pixel_values \[B, 40, 40, 3\]"):
-        model = CLIPVisionModel(CLIPVisionConfig.tiny(), rngs=nnx.Rngs(0))
-        model(jnp.zeros((1, 3, 40, 40)))
+        model = nnx.eval_shape(lambda: CLIPVisionModel(CLIPVisionConfig.tiny(), rngs=nnx.Rngs(0)))
+        model(jnp.zeros((1, 3, 40, 40)))  # checked before any weight is touched
     assert CLIPTextConfig().projection_dim is None  # the text default stays SDXL's CLIP-L
 
 
