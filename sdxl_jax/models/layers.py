@@ -74,6 +74,7 @@ def conv(
     param_dtype: Dtype,
     stride: int = 1,
     padding: Any = "SAME_TORCH",
+    use_bias: bool = True,
 ) -> nnx.Conv:
     """An NHWC ``nnx.Conv``; the default padding is PyTorch's symmetric ``kernel // 2``."""
     if padding == "SAME_TORCH":
@@ -84,6 +85,7 @@ def conv(
         kernel_size=(kernel, kernel),
         strides=(stride, stride),
         padding=padding,
+        use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs,

@@ -1,7 +1,8 @@
 """Reference ``config.json`` <-> our config dataclasses, one pair of translators per model.
 
 ``*_from_reference(dict)`` reads a diffusers (``UNet2DConditionModel``, ``AutoencoderKL``) or
-transformers (``CLIPTextModel``, ``CLIPTextModelWithProjection``) config.json and refuses settings
+transformers (``CLIPTextModel``, ``CLIPTextModelWithProjection``, ``CLIPModel``) config.json and
+refuses settings
 we do not implement; keys it omits take the reference class's defaults, as the reference library
 would. ``*_to_reference(config)`` writes a complete config.json dict the reference library loads.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from sdxl_jax.models.clip import CLIPTextConfig
+from sdxl_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from sdxl_jax.models.unet import UNetConfig
 from sdxl_jax.models.vae import VAEConfig
 
@@ -57,6 +58,22 @@ CLIP_TRANSFORMERS_DEFAULTS: dict[str, Any] = {
     "bos_token_id": 49406,
     "eos_token_id": 49407,
 }
+# transformers' CLIPVisionConfig defaults (OpenAI ViT-B/32's vision tower).
+CLIP_VISION_TRANSFORMERS_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 512,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 32,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+}
+CLIP_MODEL_PROJECTION_DIM = 512  # transformers' CLIPConfig.projection_dim default
 
 # UNet2DConditionModel settings we implement only at one value: (key, allowed, diffusers default).
 _UNET_FIXED: tuple[tuple[str, Any, Any], ...] = (
@@ -294,18 +311,24 @@ def clip_from_reference(d: dict[str, Any]) -> CLIPTextConfig:
     """From a transformers ``config.json`` of a CLIPTextModel(WithProjection)."""
     _clip_check(d)
     with_proj = d["architectures"][0] == "CLIPTextModelWithProjection"
-    d = {**CLIP_TRANSFORMERS_DEFAULTS, **d}
+    proj = d.get("projection_dim", CLIP_TRANSFORMERS_DEFAULTS["projection_dim"])
+    return _clip_text(d, proj if with_proj else None, "text encoder config.json")
+
+
+def _no_dropout(d: dict[str, Any], where: str) -> None:
     for key in ("attention_dropout", "dropout"):
-        if d[key]:
-            raise ValueError(
-                f"text encoder config.json {key}={d[key]}: dropout is not implemented; set it "
-                f"to 0.0"
-            )
+        if d.get(key):
+            raise ValueError(f"{where} {key}={d[key]}: dropout is not implemented; set it to 0.0")
+
+
+def _clip_text(d: dict[str, Any], projection_dim: int | None, where: str) -> CLIPTextConfig:
+    d = {**CLIP_TRANSFORMERS_DEFAULTS, **d}
+    _no_dropout(d, where)
     eos = d["eos_token_id"]
     if not isinstance(eos, int) or isinstance(eos, bool):
         raise ValueError(
-            f"text encoder config.json eos_token_id={eos!r}: need a single integer (2 selects "
-            f"the legacy argmax pooling)"
+            f"{where} eos_token_id={eos!r}: need a single integer (2 selects the legacy argmax "
+            f"pooling)"
         )
     return CLIPTextConfig(
         vocab_size=d["vocab_size"],
@@ -316,10 +339,66 @@ def clip_from_reference(d: dict[str, Any]) -> CLIPTextConfig:
         max_position_embeddings=d["max_position_embeddings"],
         hidden_act=d["hidden_act"],
         layer_norm_eps=float(d["layer_norm_eps"]),
-        projection_dim=d["projection_dim"] if with_proj else None,
+        projection_dim=projection_dim,
         eos_token_id=eos,
         bos_token_id=d["bos_token_id"],
         pad_token_id=d["pad_token_id"],
+    )
+
+
+def clip_vision_from_reference(
+    d: dict[str, Any], projection_dim: int | None = None
+) -> CLIPVisionConfig:
+    """From a transformers ``CLIPVisionConfig`` dict (a CLIPModel's ``vision_config``); the
+    projection width is CLIPConfig's, passed in (None: no projection)."""
+    where = "CLIP config.json vision_config"
+    d = {**CLIP_VISION_TRANSFORMERS_DEFAULTS, **d}
+    _no_dropout(d, where)
+    for key in ("image_size", "patch_size"):
+        if not isinstance(d[key], int) or isinstance(d[key], bool):
+            raise ValueError(
+                f"{where} {key}={d[key]!r}: only square images and patches (one integer) are "
+                f"implemented, as transformers' CLIPVisionEmbeddings assumes"
+            )
+    return CLIPVisionConfig(
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=d["num_attention_heads"],
+        num_channels=d["num_channels"],
+        image_size=d["image_size"],
+        patch_size=d["patch_size"],
+        hidden_act=d["hidden_act"],
+        layer_norm_eps=float(d["layer_norm_eps"]),
+        projection_dim=projection_dim,
+    )
+
+
+def _sub_config(d: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """``text_config`` / ``vision_config``, with the legacy ``*_config_dict`` applied as
+    CLIPConfig applies it: completed with the class defaults, then laid over the other."""
+    sub = dict(d.get(key) or {})
+    legacy = d.get(f"{key}_dict")
+    if legacy is not None:
+        sub.update({**defaults, **legacy})
+    return sub
+
+
+def clip_model_from_reference(d: dict[str, Any]) -> tuple[CLIPTextConfig, CLIPVisionConfig]:
+    """From a transformers ``CLIPModel`` config.json: (text tower, vision tower), both projecting
+    to CLIPConfig's ``projection_dim`` (the sub-configs' own ``projection_dim`` is unused there)."""
+    model_type = d.get("model_type", "clip")
+    if model_type != "clip":
+        raise ValueError(
+            f"CLIP config.json has model_type={model_type!r}; expected 'clip' (a transformers "
+            f"CLIPModel folder with text_config and vision_config)"
+        )
+    proj = d.get("projection_dim", CLIP_MODEL_PROJECTION_DIM)
+    text = _sub_config(d, "text_config", CLIP_TRANSFORMERS_DEFAULTS)
+    vision = _sub_config(d, "vision_config", CLIP_VISION_TRANSFORMERS_DEFAULTS)
+    return (
+        _clip_text(text, proj, "CLIP config.json text_config"),
+        clip_vision_from_reference(vision, proj),
     )
 
 

@@ -31,6 +31,8 @@ class NameRules:
     # A leading key prefix some writers leave out (transformers 5 saves CLIPTextModel without
     # ``text_model.``): a source with no key carrying it is read as if every key did.
     optional_prefix: str = ""
+    # Bare parameters (no ``weight`` leaf) whose reference key is their path as it stands.
+    bare_leaves: tuple[str, ...] = ()
 
 
 # diffusers' UNet2DConditionModel: ``to_out`` is a ModuleList (Linear, Dropout), the feed-forward
@@ -42,6 +44,14 @@ VAE_RULES = NameRules(renames=(("to_out", "to_out.0"),))
 # transformers 5 saves CLIPTextModel without the ``text_model.`` prefix; older files have it, and
 # some carry the ``position_ids`` buffer.
 CLIP_RULES = NameRules(ignore_suffixes=("position_ids",), optional_prefix="text_model.")
+# The two towers of a transformers ``CLIPModel`` file, each read from the keys under its prefixes
+# (``logit_scale`` belongs to neither). ``class_embedding`` is a bare parameter.
+CLIP_MODEL_TEXT_RULES = NameRules(ignore_suffixes=("position_ids",))
+CLIP_MODEL_VISION_RULES = NameRules(
+    ignore_suffixes=("position_ids",), bare_leaves=("class_embedding",)
+)
+CLIP_MODEL_TEXT_PREFIXES = ("text_model.", "text_projection.")
+CLIP_MODEL_VISION_PREFIXES = ("vision_model.", "visual_projection.")
 
 
 @dataclass(frozen=True)
@@ -100,9 +110,9 @@ def param_entries(module: nnx.Module, rules: NameRules) -> list[ParamEntry]:
         shape = tuple(var.shape)
         segs = [str(s) for s in path]
         leaf = segs[-1]
-        if leaf not in _LEAVES:
+        if leaf not in _LEAVES and leaf not in rules.bare_leaves:
             raise ValueError(f"no reference name for parameter {'.'.join(segs)}")
-        segs[-1] = _LEAVES[leaf]
+        segs[-1] = _LEAVES.get(leaf, leaf)
         axes = var.get_metadata().get("logical_axes") or ()
         stacked = bool(axes) and axes[0] == "layers"
         layer_shape = shape[1:] if stacked else shape

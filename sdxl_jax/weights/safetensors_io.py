@@ -216,6 +216,11 @@ class TensorSource:
     def keys(self) -> list[str]:
         return list(self._where)
 
+    @property
+    def paths(self) -> list[Path]:
+        """The files holding the tensors, each once, in the order first seen."""
+        return list(dict.fromkeys(f.path for f in self._where.values()))
+
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
