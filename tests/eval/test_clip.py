@@ -13,10 +13,10 @@ import pytest
 import torch
 import transformers
 
-from sdxl_jax.data.tokenizer import EOS_TOKEN, synthetic_words, write_clip_tokenizer
 from sdxl_jax.eval.clip import CLIPEmbedder
 from sdxl_jax.eval.clip_preprocess import CLIPImageProcessing, resize_uint8
-from tests.models.test_clip_vision import features, random_clip_model, rel_err
+from tests.eval.fixtures import make_clip_folder
+from tests.models.test_clip_vision import features, rel_err
 
 TOL = 1e-4
 SIZES = [(57, 93), (93, 57), (40, 40), (31, 45), (200, 123), (7, 300), (41, 40)]
@@ -35,26 +35,7 @@ def random_images(sizes, seed=0) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    """A random CLIPModel (quick_gelu text, first-eos pooling) with a tokenizer and an image
-    processor saved beside it, as a hub CLIPModel folder."""
-    folder = tmp_path_factory.mktemp("clip")
-    tok = write_clip_tokenizer(folder, synthetic_words(), pad_token=EOS_TOKEN)
-    tok = transformers.CLIPTokenizer.from_pretrained(folder)
-    eos, bos = tok.eos_token_id, tok.bos_token_id
-    kw = dict(
-        text_config=dict(vocab_size=eos + 1, hidden_size=48, intermediate_size=80,
-                         num_hidden_layers=2, num_attention_heads=4, bos_token_id=bos,
-                         eos_token_id=eos, pad_token_id=eos),
-        vision_config=dict(hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-                           num_attention_heads=5, image_size=40, patch_size=8),
-        projection_dim=24,
-    )  # fmt: skip
-    model = random_clip_model(kw, 3)
-    model.save_pretrained(folder)
-    transformers.CLIPImageProcessor(
-        size={"shortest_edge": 40}, crop_size={"height": 40, "width": 40}
-    ).save_pretrained(folder)
-    return folder, model
+    return make_clip_folder(tmp_path_factory.mktemp("clip"))
 
 
 def test_preprocessing_is_clip_image_processor(tmp_path):

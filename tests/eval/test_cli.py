@@ -1,0 +1,86 @@
+"""``python -m sdxl_jax.eval`` on folders of images, against the reference libraries on the same
+files and weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from sdxl_jax.eval import __main__ as cli
+from tests.eval.fixtures import make_clip_folder
+from tests.models.test_clip_vision import features
+
+CAPTIONS = ["a red circle in the top left", "a blue square", "a green triangle", "cyan"]
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    return make_clip_folder(tmp_path_factory.mktemp("clip"))
+
+
+def write_images(folder, n, seed=0, sizes=((48, 64), (40, 40), (64, 36))):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        yy, xx = np.mgrid[:h, :w]
+        img = 127 + 90 * np.sin(yy / (3 + i))[..., None] * np.cos(xx[..., None] / 4 + np.arange(3))
+        img = np.clip(img + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"img_{i:03d}.png")
+    return sorted(folder.glob("*.png"))
+
+
+def test_clip_score_of_a_folder_is_torchmetrics_definition(clip_folder, tmp_path, capsys):
+    folder, model = clip_folder
+    files = write_images(tmp_path / "imgs", 6)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    prompts = [CAPTIONS[i % 4] for i in range(6)]
+    # broken.png sorts first: 7 files, 7 prompts; its prompt is the first line
+    lines = ["skipped image's prompt"] + prompts
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    rc = cli.main(["clip-score", "--clip", str(folder), "--images", str(tmp_path / "imgs"),
+                   "--prompts", str(tmp_path / "p.txt"), "--batch-size", "8",
+                   "--json", str(tmp_path / "r.json")])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr()
+    got = float(out.out.strip().removeprefix("clip_score: "))
+    # the reference: CLIPProcessor + CLIPModel on the same files, torchmetrics' definition
+    images = [np.array(Image.open(f).convert("RGB")) for f in files]
+    proc = transformers.CLIPProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        px = proc(images=images, return_tensors="pt")["pixel_values"]
+        img = features(model.get_image_features(pixel_values=px))
+        t = proc(text=prompts, return_tensors="pt", padding=True)
+        txt = features(model.get_text_features(**t))
+    img = img / img.norm(p=2, dim=-1, keepdim=True)
+    txt = txt / txt.norm(p=2, dim=-1, keepdim=True)
+    want = max(float((100 * (img * txt).sum(-1)).mean()), 0.0)
+    assert got == pytest.approx(want, abs=1e-3)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["skipped"]["count"] == 1 and report["clip_images"] == 6
+    assert report["clip_score"] == pytest.approx(want, abs=1e-3)
+    assert "skipped 1 unreadable images" in out.err
+
+
+def test_cli_errors_name_the_fix(clip_folder, tmp_path, capsys):
+    folder, _ = clip_folder
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["clip-score", "--clip", str(folder), "--images", str(tmp_path / "empty")]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    write_images(tmp_path / "imgs", 2)
+    assert cli.main(["clip-score", "--clip", str(folder), "--images", str(tmp_path / "imgs")]) == 2
+    assert "has no manifest.json: pass --prompts FILE" in capsys.readouterr().err
+    assert (
+        cli.main(["clip-score", "--clip", str(tmp_path), "--images", str(tmp_path / "imgs")]) == 2
+    )
+    assert "not a CLIPModel folder (no config.json)" in capsys.readouterr().err
+    rc = cli.main(["is", "--inception", str(tmp_path / "missing.safetensors"),
+                   "--images", str(tmp_path / "imgs")])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "missing.safetensors does not exist" in err and "torch.load(" in err
