@@ -26,6 +26,7 @@ from sdxl_jax.eval import folders
 from sdxl_jax.eval.prompts import Prompt, PromptSet
 
 MODES = ("pytorch-fid", "clean")
+GRID_MAX = 64  # the contact sheet of an evaluation shows its first 64 images
 INCEPTION_CONVERSION = (
     'python -c "import torch, safetensors.torch as st; st.save_file(torch.load('
     "'pt_inception-2015-12-05-6726825d.pth', weights_only=True), "
@@ -190,7 +191,9 @@ def evaluate_generation(
     rows, t_start = [], time.perf_counter()
     for g in guidance:
         req = make_request(generator.models, prompt_set.texts, guidance=g, **request)
-        folder = ImageFolder(out / f"guidance_{g:g}" if len(guidance) > 1 else out)
+        folder = ImageFolder(
+            out / f"guidance_{g:g}" if len(guidance) > 1 else out, grid_max=GRID_MAX
+        )
         evaluators = scorers.fresh()
         batch_s, score_s = [], 0.0
         t0 = time.perf_counter()

@@ -56,10 +56,11 @@ def _sheet(tiles: list[np.ndarray]) -> np.ndarray:
 class ImageFolder:
     """Writes images as they come (a stopped run keeps what it wrote), then grid and manifest."""
 
-    def __init__(self, out: str | Path, *, grid: bool = True):
+    def __init__(self, out: str | Path, *, grid: bool = True, grid_max: int | None = None):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.grid = grid
+        self.grid_max = grid_max  # the first this many images make the grid (None: all)
         self.records: list[dict[str, Any]] = []
         self._tiles: list[np.ndarray] = []  # grid thumbnails, not the full images
 
@@ -71,7 +72,7 @@ class ImageFolder:
         Image.fromarray(img).save(self.out / name, pnginfo=png_info(params))
         record = {**params, "file": name}
         self.records.append(record)
-        if self.grid:
+        if self.grid and (self.grid_max is None or len(self._tiles) < self.grid_max):
             self._tiles.append(thumbnail(img))
         return record
 
