@@ -165,7 +165,7 @@ def export_tensors(
     order, so a one-entry cache suffices), not once per layer.
     """
     out: dict[str, TensorSpec] = {}
-    params = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    params = dict(nnx.to_flat_state(nnx.state(module, nnx.Any(*rules.variables))))
     host: dict[tuple, np.ndarray] = {}
 
     def fetch(e: ParamEntry) -> np.ndarray:

@@ -17,7 +17,15 @@ import numpy as np
 from flax import nnx
 
 STACK_NAMES = ("transformer_blocks", "layers")
-_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+# BatchNorm's running statistics (nnx.BatchStat) are named as torch's buffers.
+_LEAVES = {
+    "kernel": "weight",
+    "scale": "weight",
+    "embedding": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,9 @@ class NameRules:
     optional_prefix: str = ""
     # Bare parameters (no ``weight`` leaf) whose reference key is their path as it stands.
     bare_leaves: tuple[str, ...] = ()
+    # The variable types that come from the checkpoint: parameters, and for a network with
+    # BatchNorm (the FID Inception) its running statistics too.
+    variables: tuple[type[nnx.Variable], ...] = (nnx.Param,)
 
 
 # diffusers' UNet2DConditionModel: ``to_out`` is a ModuleList (Linear, Dropout), the feed-forward
@@ -104,9 +115,10 @@ def _rename(dotted: str, renames: tuple[tuple[str, str], ...], reverse: bool = F
 
 
 def param_entries(module: nnx.Module, rules: NameRules) -> list[ParamEntry]:
-    """Every parameter of ``module`` (concrete or abstract) with its reference key(s)."""
+    """Every parameter of ``module`` (concrete or abstract) with its reference key(s); every
+    variable of the types ``rules.variables`` names, in fact."""
     entries = []
-    for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+    for path, var in nnx.to_flat_state(nnx.state(module, nnx.Any(*rules.variables))):
         shape = tuple(var.shape)
         segs = [str(s) for s in path]
         leaf = segs[-1]
