@@ -13,8 +13,9 @@ Images are a folder's files (png, jpg, webp, ...) sorted by name; unreadable one
 and counted. --ref is a folder, a prepared dataset or a statistics .npz (from `stats`, or
 pytorch-fid's --save-stats); statistics of a folder are cached in $SDXL_CACHE_DIR/fid_stats
 (default ~/.cache/sdxl_jax/fid_stats). The Inception weights are pytorch-fid's, converted once:
-  python -c "import torch, safetensors.torch as st; st.save_file(torch.load(
-      'pt_inception-2015-12-05-6726825d.pth', weights_only=True),
+  python -c "import torch, safetensors.torch as st; sd = torch.load(
+      'pt_inception-2015-12-05-6726825d.pth', map_location='cpu', weights_only=True);
+      st.save_file({k: v.contiguous() for k, v in sd.items()},
       'pt_inception-2015-12-05.safetensors')"
 """
 

@@ -49,20 +49,18 @@ def _sha256(paths: Sequence[Path]) -> str:
 class CLIPEmbedder:
     """L2-normalised CLIP embeddings (float64 [N, projection_dim]) of images and prompts.
 
-    Batches are padded to ``batch_size`` (one compile per tower) and split over the batch axes of
+    Batches are padded to ``batch_size`` (rounded up to a multiple of the devices; one compile
+    per tower) and split over the batch axes of
     ``mesh`` (default: every device); the weights are replicated.
     """
 
     def __init__(self, folder: str | Path, *, batch_size: int = 32, mesh: Mesh | None = None):
         self.folder = check_folder(folder)
         self.mesh = mesh if mesh is not None else runtime.make_mesh()
-        ways = runtime.batch_devices(self.mesh)
-        if batch_size < 1 or batch_size % ways:
-            raise ValueError(
-                f"CLIPEmbedder batch_size={batch_size} must be a positive multiple of the "
-                f"{ways} devices it is split over"
-            )
-        self.batch_size = batch_size
+        if batch_size < 1:
+            raise ValueError(f"CLIPEmbedder batch_size={batch_size} must be at least 1")
+        # rounded up to a multiple of the devices the batch is split over
+        self.batch_size = runtime.padded(batch_size, runtime.batch_devices(self.mesh))
         pre = self.folder / PREPROCESSOR_CONFIG
         if not pre.is_file():
             raise FileNotFoundError(

@@ -1,7 +1,8 @@
 """Images to score: a folder (generated here or elsewhere) or a prepared dataset's records.
 
-A folder's images are its files with pytorch-fid's extensions, sorted by file name; unreadable
-files are skipped and counted (their names kept for the report). Prompts for a folder come from
+A folder's images are its files with pytorch-fid's extensions, sorted by file name (or those its
+``manifest.json`` lists: ``sample``'s folders hold a ``grid.png`` too); unreadable files are
+skipped and counted (their names kept for the report). Prompts for a folder come from
 a text file (one per line, matched to the sorted images) or the folder's ``manifest.json``
 (written by ``python -m sdxl_jax.sample``).
 """
@@ -41,11 +42,18 @@ class Skipped:
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """The image files of ``folder``, sorted by name; an empty or missing folder is an error."""
+    """The image files of ``folder``, sorted by name: those its ``manifest.json`` lists when it
+    has one (``sample``'s output: not ``grid.png``), else every image file. An empty or missing
+    folder is an error."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EvalInputError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in EXTENSIONS)
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        listed = {r["file"] for r in json.loads(manifest.read_text()).get("images", [])}
+        files = sorted(folder / name for name in listed)
+    else:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in EXTENSIONS)
     if not files:
         raise EvalInputError(
             f"{folder} holds no images (looked for {', '.join(sorted(EXTENSIONS))})"

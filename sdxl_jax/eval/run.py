@@ -27,11 +27,6 @@ from sdxl_jax.eval.prompts import Prompt, PromptSet
 
 MODES = ("pytorch-fid", "clean")
 GRID_MAX = 64  # the contact sheet of an evaluation shows its first 64 images
-INCEPTION_CONVERSION = (
-    'python -c "import torch, safetensors.torch as st; st.save_file(torch.load('
-    "'pt_inception-2015-12-05-6726825d.pth', weights_only=True), "
-    "'pt_inception-2015-12-05.safetensors')\""
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,16 +50,18 @@ class EvalSpec:
         if self.dims not in (64, 192, 768, 2048):
             raise folders.EvalInputError(f"--dims {self.dims}: use 64, 192, 768 or 2048")
         if wanted & ev.INCEPTION_METRICS:
+            from sdxl_jax.weights.inception import conversion_command
+
             if not self.inception:
                 raise folders.EvalInputError(
                     f"--eval {','.join(sorted(wanted & ev.INCEPTION_METRICS))} needs --inception "
                     "pt_inception-2015-12-05.safetensors (pytorch-fid's FID Inception weights, "
-                    f"converted from its .pth once with: {INCEPTION_CONVERSION})"
+                    f"converted from its .pth once with: {conversion_command()})"
                 )
             if not Path(self.inception).is_file():
                 raise folders.EvalInputError(
                     f"--inception {self.inception} does not exist; expected pytorch-fid's "
-                    f"weights as safetensors, made with: {INCEPTION_CONVERSION}"
+                    f"weights as safetensors, made with: {conversion_command()}"
                 )
         if wanted & {"fid", "kid"} and not self.ref:
             if prompt_set is None or prompt_set.kind != "dataset":

@@ -84,3 +84,89 @@ def test_cli_errors_name_the_fix(clip_folder, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "missing.safetensors does not exist" in err and "torch.load(" in err
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    from tests.models.test_inception import reference
+
+    return reference(tmp_path_factory)
+
+
+@pytest.mark.slow(seconds=45)
+def test_fid_and_stats_equal_pytorch_fid_on_the_same_files(inception, tmp_path, capsys):
+    """pytorch-fid's own statistics code (ImagePathDataset, get_activations) with the same
+    random calibrated network, against `fid` on the folders; `stats` then `--ref stats.npz`
+    gives the same value; a cached reference is reused; stats of another mode are refused."""
+    from pytorch_fid.fid_score import calculate_activation_statistics, calculate_frechet_distance
+
+    net, wrapper, weights = inception
+    # one size per folder: pytorch-fid stacks each batch
+    gen = write_images(tmp_path / "gen", 40, seed=1, sizes=((48, 64),))
+    ref = write_images(tmp_path / "ref", 40, seed=2, sizes=((64, 64),))
+    wrapper.resize_input = True
+    stats = [calculate_activation_statistics(files, wrapper, batch_size=16, dims=64,
+                                             num_workers=0) for files in (gen, ref)]  # fmt: skip
+    want = calculate_frechet_distance(*stats[0], *stats[1])
+    common = ["--inception", weights, "--images", str(tmp_path / "gen"), "--dims", "64",
+              "--batch-size", "16", "--stats-cache", str(tmp_path / "cache")]  # fmt: skip
+    assert (
+        cli.main(
+            ["fid", *common, "--ref", str(tmp_path / "ref"), "--json", str(tmp_path / "a.json")]
+        )
+        == 0
+    )  # noqa: E501
+    got = float(capsys.readouterr().out.strip().removeprefix("fid: "))
+    assert got == pytest.approx(want, rel=1e-3)
+    first = json.loads((tmp_path / "a.json").read_text())
+    assert first["fid_reference_images"] == 40 and first["inception_images"] == 40
+    assert any("FID from 40 generated images with 64-d features" in w for w in first["warnings"])
+    # the reference statistics were cached; a second run reads them
+    assert (
+        cli.main(
+            ["fid", *common, "--ref", str(tmp_path / "ref"), "--json", str(tmp_path / "b.json")]
+        )
+        == 0
+    )  # noqa: E501
+    second = json.loads((tmp_path / "b.json").read_text())
+    assert (
+        second["reference_cache"] == first["reference_cache"] and "reference_skipped" not in second
+    )
+    assert second["fid"] == first["fid"]
+    # stats of the reference folder, then FID against the .npz
+    out = tmp_path / "ref_stats.npz"
+    args = [
+        "--inception",
+        weights,
+        "--images",
+        str(tmp_path / "ref"),
+        "--dims",
+        "64",
+        "--out",
+        str(out),
+    ]  # noqa: E501
+    assert cli.main(["stats", *args]) == 0
+    assert cli.main(["fid", *common, "--ref", str(out)]) == 0
+    assert float(capsys.readouterr().out.strip().split("fid: ")[-1]) == pytest.approx(got, rel=1e-9)
+    assert cli.main(["fid", *common, "--ref", str(out), "--mode", "clean"]) == 2
+    assert "mode: 'pytorch-fid' there, 'clean' here" in capsys.readouterr().err
+
+
+def test_inception_score_equals_torch_fidelity_on_the_same_logits(inception, tmp_path, capsys):
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    from tests.models.test_inception import torch_features
+
+    net, wrapper, weights = inception
+    files = write_images(tmp_path / "imgs", 20, seed=3)
+    x = torch.from_numpy(
+        np.stack([np.asarray(Image.open(f).resize((299, 299), Image.BILINEAR)) for f in files])
+    )  # the same size for torch; ours resizes each image itself, so compare on 299^2 files
+    for f, img in zip(files, x.numpy(), strict=True):
+        Image.fromarray(img).save(f)
+    logits = torch_features(net, wrapper, x.permute(0, 3, 1, 2).float() / 255)["logits_unbiased"]
+    want = isc_features_to_metric(torch.from_numpy(logits), splits=10)
+    assert cli.main(["is", "--inception", weights, "--images", str(tmp_path / "imgs")]) == 0
+    mean, std = capsys.readouterr().out.strip().removeprefix("is: ").split(" +- ")
+    assert float(mean) == pytest.approx(want["inception_score_mean"], rel=1e-4)
+    assert float(std) == pytest.approx(want["inception_score_std"], rel=1e-2, abs=1e-4)

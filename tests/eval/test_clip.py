@@ -122,8 +122,9 @@ def test_embedder_errors(clip_folder, tmp_path):
     folder, _ = clip_folder
     with pytest.raises(FileNotFoundError, match="not a directory"):
         CLIPEmbedder(tmp_path / "absent")
-    with pytest.raises(ValueError, match="multiple of the 8 devices"):
-        CLIPEmbedder(folder, batch_size=12)
+    with pytest.raises(ValueError, match="must be at least 1"):
+        CLIPEmbedder(folder, batch_size=0)
+    assert CLIPEmbedder(folder, batch_size=12).batch_size == 16  # a multiple of the 8 devices
     emb = CLIPEmbedder(folder, batch_size=8)
     with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\]"):
         emb.image_embeds(np.zeros((40, 40, 3), np.uint8))

@@ -69,6 +69,9 @@ def test_folder_reading_skips_and_counts_unreadable_images(tmp_path):
     manifest = {"images": [{"file": f.name, "prompt": f"p{i}"} for i, f in enumerate(files)]}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert folders.folder_prompts(tmp_path, files, None) == [f"p{i}" for i in range(5)]
+    # with a manifest (sample's folders), only the images it lists: not grid.png
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "grid.png")
+    assert folders.image_files(tmp_path) == files
     (tmp_path / "short.txt").write_text("a\nb\n")
     with pytest.raises(folders.EvalInputError, match="2 prompts for 5 images"):
         folders.folder_prompts(tmp_path, files, str(tmp_path / "short.txt"))

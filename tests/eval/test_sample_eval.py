@@ -60,3 +60,44 @@ def test_bad_eval_arguments_fail_before_loading(args, message, tiny_sdxl, tmp_pa
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow(seconds=75)
+def test_fid_clip_sweep_on_a_prepared_dataset(tiny_sdxl, tmp_path, tmp_path_factory, capsys):
+    """Captions of a prepared dataset, its images the FID reference: one row per guidance scale
+    with FID, KID and CLIP score, sweep.png; each row's FID is `python -m sdxl_jax.eval fid` on
+    that scale's folder against the same reference."""
+    from sdxl_jax.eval import __main__ as eval_cli
+    from tests.data.fixtures import prepared_dataset
+    from tests.eval.fixtures import make_clip_folder
+    from tests.models.test_inception import reference
+
+    base, _ = tiny_sdxl
+    _, _, weights = reference(tmp_path_factory)
+    clip, _ = make_clip_folder(tmp_path / "clip")
+    data, _ = prepared_dataset(tmp_path / "data", 10, ("tiny_square_32",))
+    out, cache = tmp_path / "ev", tmp_path / "cache"
+    rc = sample.main([
+        "--checkpoint", str(base), "--prompt-set", str(data), "--eval", "fid,kid,clip",
+        "--eval-count", "8", "--inception", weights, "--clip", str(clip), "--dims", "64",
+        "--stats-cache", str(cache), "--guidance", "1.5,6", "--height", "32", "--width", "32",
+        "--steps", "2", "--out", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    report = json.loads((out / "eval.json").read_text())
+    rows = report["results"]
+    assert [r["guidance"] for r in rows] == [1.5, 6.0]
+    assert report["reference_images"] == 8 and report["prompt_set"]["kind"] == "dataset"
+    assert set(report["extractors"]) == {"inception", "clip"}
+    with Image.open(out / "sweep.png") as png:
+        assert png.size[0] > 300 and png.mode in ("RGB", "RGBA")
+    for row in rows:
+        assert row["inception_images"] == row["clip_images"] == 8 and row["kid_subset_size"] == 8
+        assert 0 <= row["clip_score"] <= 100 and row["fid"] > 0
+    assert rows[0]["fid"] != rows[1]["fid"]
+    # the second scale's folder scored again from the files, against the cached reference
+    capsys.readouterr()
+    assert eval_cli.main(["fid", "--inception", weights, "--images", str(out / "guidance_6"),
+                          "--ref", report["reference_cache"], "--dims", "64"]) == 0  # fmt: skip
+    fid = float(capsys.readouterr().out.strip().removeprefix("fid: "))
+    assert fid == pytest.approx(rows[1]["fid"], rel=1e-5)
