@@ -82,7 +82,7 @@ def _spec(args: argparse.Namespace, metrics: tuple[str, ...]) -> Any:
         metrics, inception=getattr(args, "inception", None), clip=getattr(args, "clip", None),
         ref=getattr(args, "ref", None), dims=getattr(args, "dims", 2048),
         mode=getattr(args, "mode", "pytorch-fid"), cache_dir=getattr(args, "stats_cache", None),
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, is_splits=getattr(args, "splits", 10),
     )  # fmt: skip
 
 

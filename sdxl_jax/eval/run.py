@@ -41,12 +41,15 @@ class EvalSpec:
     mode: str = "pytorch-fid"
     cache_dir: str | None = None
     batch_size: int = 50
+    is_splits: int = 10  # Inception Score splits (torch-fidelity's default)
 
     def check(self, prompt_set: PromptSet | None) -> None:
         """Every problem found from the arguments alone, before models load or code compiles."""
         wanted = set(self.metrics)
         if self.mode not in MODES:
             raise folders.EvalInputError(f"--inception-mode {self.mode!r}: use one of {MODES}")
+        if self.is_splits < 1:
+            raise folders.EvalInputError(f"--splits {self.is_splits}: use at least 1")
         if self.dims not in (64, 192, 768, 2048):
             raise folders.EvalInputError(f"--dims {self.dims}: use 64, 192, 768 or 2048")
         if wanted & ev.INCEPTION_METRICS:
@@ -104,7 +107,7 @@ class Scorers:
         if wanted & ev.INCEPTION_METRICS:
             out.append(ev.InceptionEvaluator(
                 self.inception, wanted=wanted & ev.INCEPTION_METRICS, reference=self.reference,
-                dims=self.spec.dims,
+                dims=self.spec.dims, is_splits=self.spec.is_splits,
             ))  # fmt: skip
         if "clip" in wanted:
             out.append(ev.CLIPScoreEvaluator(self.clip))

@@ -15,6 +15,31 @@ from typing import Any
 import numpy as np
 
 
+def check(config: Any) -> tuple[Any, Any] | None:
+    """``config.eval`` checked from the config alone (the weights files exist, the prompt set
+    reads, a FID reference is given): (``EvalSpec``, prompt set), or None when it is off."""
+    cfg = config.get("eval")
+    if cfg is None or not int(cfg.every_steps):
+        return None
+    from sdxl_jax.eval import evaluators, folders, prompts, run
+
+    if config.kind != "diffusion":
+        raise ValueError(
+            f"config.eval: stage {config.stage!r} ({config.kind}) does not sample images; set "
+            "eval.every_steps=0"
+        )
+    try:
+        spec = run.EvalSpec(
+            evaluators.parse_metrics(cfg.metrics), inception=cfg.inception or None,
+            clip=cfg.clip or None, ref=cfg.ref or None, dims=int(cfg.dims), mode=cfg.mode,
+        )  # fmt: skip
+        prompt_set = prompts.load(cfg.prompts).subset(int(cfg.count) or None, int(cfg.seed))
+        spec.check(prompt_set)
+    except (folders.EvalInputError, prompts.PromptSetError) as e:
+        raise ValueError(f"config.eval: {e}") from e
+    return spec, prompt_set
+
+
 class Evaluations:
     """The ``config.eval`` policy: ``maybe(step, state)`` at each step boundary, ``final``."""
 
@@ -24,26 +49,14 @@ class Evaluations:
         self.task, self.log, self.cfg = task, log, cfg
         self.last: dict[str, Any] | None = None
         self._done_at = -1
-        if not self.every:
+        checked = check(config)
+        if checked is None:
             return
         import jax
 
-        from sdxl_jax.eval import evaluators, folders, prompts, run
+        from sdxl_jax.eval import run
 
-        if not hasattr(task, "sample"):
-            raise ValueError(
-                f"config.eval: stage {config.stage!r} does not sample images; set "
-                "eval.every_steps=0"
-            )
-        try:
-            spec = run.EvalSpec(
-                evaluators.parse_metrics(cfg.metrics), inception=cfg.inception or None,
-                clip=cfg.clip or None, ref=cfg.ref or None, dims=int(cfg.dims), mode=cfg.mode,
-            )  # fmt: skip
-            self.prompts = prompts.load(cfg.prompts).subset(int(cfg.count) or None, int(cfg.seed))
-            spec.check(self.prompts)
-        except (folders.EvalInputError, prompts.PromptSetError) as e:
-            raise ValueError(f"config.eval: {e}") from e
+        spec, self.prompts = checked
         self.scorers = None
         if jax.process_index() == 0:  # scores on this host's devices only
             local = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))

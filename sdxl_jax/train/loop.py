@@ -39,8 +39,7 @@ from sdxl_jax import distributed, sharding
 from sdxl_jax import workdir as workdir_lib
 from sdxl_jax.data import pipeline as data_pipeline
 from sdxl_jax.train import config as config_lib
-from sdxl_jax.train import policies
-from sdxl_jax.train.evaluation import Evaluations
+from sdxl_jax.train import evaluation, policies
 from sdxl_jax.train.policies import Diverged as Diverged  # callers catch loop.Diverged
 
 
@@ -160,6 +159,7 @@ def run_stage(
             f"{hosts} processes: use a multiple of {hosts}"
         )
     check_data(config)
+    evaluation.check(config)  # config.eval: weights files, prompt set, reference
     mesh = sharding.make_mesh(dict(config.mesh))
     ckpts = ckpt_lib.StageCheckpoints(wd.root / config.stage, max_to_keep=config.checkpoint.keep)
     try:
@@ -218,7 +218,7 @@ def _run(
     )
     mirror = policies.Mirror(wd, config.stage, log, trace, lead)
     saver = policies.Checkpointing(ckpts, it, config, total, saved=latest, after_save=mirror)
-    previews, evals = policies.Previews(task, config, log), Evaluations(task, config, log)
+    samplers = (policies.Previews(task, config, log), evaluation.Evaluations(task, config, log))
     bad = policies.NonFiniteStreak(config, int(state.bad_streak), ckpts.latest_step)
     late = policies.OneStepLate(bad.check, log.add)  # in order: a diverged step is not logged
 
@@ -234,8 +234,8 @@ def _run(
                 if saver.due(done):
                     late.drain()  # know this step's outcome before saving it
                     saver.periodic(done, state, in_bad_run=bad.in_run)
-                previews.maybe(done, state)
-                evals.maybe(done, state)
+                for sampler in samplers:  # previews, evaluations
+                    sampler.maybe(done, state)
                 if reason := stopping.reason(done):
                     late.drain()
                     saver.final(done, state)
@@ -252,8 +252,7 @@ def _run(
     summary = {"stage": config.stage, "status": status, "step": done, **log.progress.summary()}
     export = None
     if status == "finished":
-        export = _finish(task, state, done, saver, (previews, evals), mirror, summary, stage_dir,
-                         say)  # fmt: skip
+        export = _finish(task, state, done, saver, samplers, mirror, summary, stage_dir, say)
     ckpts.close()
     log.close()
     return StageResult(config.stage, status, done, export, summary)
@@ -321,7 +320,7 @@ def _finish(
     state: Any,
     step: int,
     saver: policies.Checkpointing,
-    samplers: tuple[policies.Previews, Evaluations],
+    samplers: tuple[policies.Previews, evaluation.Evaluations],
     mirror: policies.Mirror,
     summary: dict[str, Any],
     stage_dir: Path,

@@ -62,7 +62,7 @@ def test_bad_eval_arguments_fail_before_loading(args, message, tiny_sdxl, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.slow(seconds=75)
+@pytest.mark.slow(seconds=60)
 def test_fid_clip_sweep_on_a_prepared_dataset(tiny_sdxl, tmp_path, tmp_path_factory, capsys):
     """Captions of a prepared dataset, its images the FID reference: one row per guidance scale
     with FID, KID and CLIP score, sweep.png; each row's FID is `python -m sdxl_jax.eval fid` on
@@ -75,11 +75,11 @@ def test_fid_clip_sweep_on_a_prepared_dataset(tiny_sdxl, tmp_path, tmp_path_fact
     base, _ = tiny_sdxl
     _, _, weights = reference(tmp_path_factory)
     clip, _ = make_clip_folder(tmp_path / "clip")
-    data, _ = prepared_dataset(tmp_path / "data", 10, ("tiny_square_32",))
+    data, _ = prepared_dataset(tmp_path / "data", 6, ("tiny_square_32",))
     out, cache = tmp_path / "ev", tmp_path / "cache"
     rc = sample.main([
         "--checkpoint", str(base), "--prompt-set", str(data), "--eval", "fid,kid,clip",
-        "--eval-count", "8", "--inception", weights, "--clip", str(clip), "--dims", "64",
+        "--eval-count", "4", "--inception", weights, "--clip", str(clip), "--dims", "64",
         "--stats-cache", str(cache), "--guidance", "1.5,6", "--height", "32", "--width", "32",
         "--steps", "2", "--out", str(out),
     ])  # fmt: skip
@@ -87,12 +87,12 @@ def test_fid_clip_sweep_on_a_prepared_dataset(tiny_sdxl, tmp_path, tmp_path_fact
     report = json.loads((out / "eval.json").read_text())
     rows = report["results"]
     assert [r["guidance"] for r in rows] == [1.5, 6.0]
-    assert report["reference_images"] == 8 and report["prompt_set"]["kind"] == "dataset"
+    assert report["reference_images"] == 4 and report["prompt_set"]["kind"] == "dataset"
     assert set(report["extractors"]) == {"inception", "clip"}
     with Image.open(out / "sweep.png") as png:
         assert png.size[0] > 300 and png.mode in ("RGB", "RGBA")
     for row in rows:
-        assert row["inception_images"] == row["clip_images"] == 8 and row["kid_subset_size"] == 8
+        assert row["inception_images"] == row["clip_images"] == 4 and row["kid_subset_size"] == 4
         assert 0 <= row["clip_score"] <= 100 and row["fid"] > 0
     assert rows[0]["fid"] != rows[1]["fid"]
     # the second scale's folder scored again from the files, against the cached reference
