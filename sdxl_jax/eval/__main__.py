@@ -102,7 +102,9 @@ def _score(args: argparse.Namespace, metrics: tuple[str, ...]) -> dict[str, Any]
         for keep, imgs in folders.read_batches(files, args.batch_size, skipped):
             yield imgs, [Prompt(texts[i] if texts else "") for i in keep]
 
-    result = run.score_batches(scorers.fresh(), ev.progress_pairs(batches(), "images"))
+    result = run.score_batches(
+        scorers.fresh(), ev.progress(batches(), "images", images=lambda b: len(b[0]))
+    )
     return {
         "images": str(args.images), "files": len(files), "skipped": skipped.as_dict(),
         **result, **scorers.reference_info, "extractors": run.extractors(scorers),

@@ -266,21 +266,12 @@ def reference_stats(
     return stats, {**info, "reference_images": stats.count, "reference_skipped": skipped.as_dict()}
 
 
-def progress(batches: Iterable[list[np.ndarray]], what: str) -> Iterator[list[np.ndarray]]:
-    """Batches passed through, with a progress line (images, images/s) on stderr."""
+def progress(batches: Iterable[Any], what: str, *, images: Any = len) -> Iterator[Any]:
+    """Batches passed through, with a progress line (images, images/s) on stderr;
+    ``images(batch)`` is the batch's image count (default ``len``)."""
     from tqdm import tqdm
 
     with tqdm(unit="img", desc=f"features ({what})", leave=False) as bar:
         for b in batches:
             yield b
-            bar.update(len(b))
-
-
-def progress_pairs(batches: Iterable[tuple[Any, Any]], what: str) -> Iterator[tuple[Any, Any]]:
-    """(images, prompts) batches passed through, with a progress line on stderr."""
-    from tqdm import tqdm
-
-    with tqdm(unit="img", desc=f"scoring ({what})", leave=False) as bar:
-        for images, prompts in batches:
-            yield images, prompts
-            bar.update(len(images))
+            bar.update(images(b))

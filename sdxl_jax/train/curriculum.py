@@ -88,17 +88,6 @@ def evaluate(workdir: Path, *, base: Path, refiner: Path | None) -> dict[str, An
     }
 
 
-def _captions() -> list[str]:
-    from sdxl_jax.data import synthetic
-
-    return [
-        synthetic.caption_for(c, s, p)
-        for c in synthetic.COLOURS
-        for s in synthetic.SHAPES
-        for p in synthetic.POSITIONS
-    ]
-
-
 def format_scores(result: dict[str, Any]) -> str:
     s, c = result["scores"], result["chance"]
     rows = [f"{'':10s} {'model':>7s} {'chance':>7s}"]

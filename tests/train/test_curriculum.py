@@ -20,7 +20,12 @@ def test_evaluation_samples_every_caption_and_scores_the_written_images(
     monkeypatch.setitem(curriculum.EVAL, "images_per_caption", 1)
     result = curriculum.evaluate(tmp_path, base=base, refiner=refiner)
 
-    captions = curriculum._captions()
+    captions = [
+        synthetic.caption_for(c, s, p)
+        for c in synthetic.COLOURS
+        for s in synthetic.SHAPES
+        for p in synthetic.POSITIONS
+    ]
     manifest = json.loads((tmp_path / "eval" / "manifest.json").read_text())
     assert [r["prompt"] for r in manifest["images"]] == captions
     assert {r["refiner"] for r in manifest["images"]} == {str(refiner)}
