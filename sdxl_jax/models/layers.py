@@ -41,6 +41,32 @@ Dtype = Any
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
+class Linear(nnx.Linear):
+    """``nnx.Linear`` with an optional low-rank adapter (``lora``, see :mod:`sdxl_jax.models.lora`)
+    whose output is added to the layer's: ``y = x W + b + lora(x)``."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lora = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        return y if self.lora is None else y + self.lora(x).astype(y.dtype)
+
+
+class Conv(nnx.Conv):
+    """``nnx.Conv`` with an optional low-rank adapter (``lora``: a conv to the rank with this
+    layer's stride and padding, then a 1x1 conv), added to the layer's output."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lora = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        return y if self.lora is None else y + self.lora(x).astype(y.dtype)
+
+
 def linear(
     din: int,
     dout: int,
@@ -50,9 +76,9 @@ def linear(
     dtype: Dtype,
     param_dtype: Dtype,
     use_bias: bool = True,
-) -> nnx.Linear:
-    """An ``nnx.Linear`` whose kernel and bias carry logical axis names."""
-    return nnx.Linear(
+) -> Linear:
+    """A :class:`Linear` whose kernel and bias carry logical axis names."""
+    return Linear(
         din,
         dout,
         use_bias=use_bias,
@@ -75,11 +101,11 @@ def conv(
     stride: int = 1,
     padding: Any = "SAME_TORCH",
     use_bias: bool = True,
-) -> nnx.Conv:
-    """An NHWC ``nnx.Conv``; the default padding is PyTorch's symmetric ``kernel // 2``."""
+) -> Conv:
+    """An NHWC :class:`Conv`; the default padding is PyTorch's symmetric ``kernel // 2``."""
     if padding == "SAME_TORCH":
         padding = ((kernel // 2, kernel // 2),) * 2
-    return nnx.Conv(
+    return Conv(
         cin,
         cout,
         kernel_size=(kernel, kernel),
