@@ -139,6 +139,7 @@ class LoRA(nnx.Module):
         self.dtype = base.dtype
         self.dropout = float(dropout)
         self.dropout_key = DropoutKey(jnp.zeros((*lead, 2), jnp.uint32)) if dropout else None
+        self.dropout_active = False  # set_dropout_key turns it on (training); never in sampling
         self.conv = (tuple(base.strides), base.padding) if conv else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -146,7 +147,7 @@ class LoRA(nnx.Module):
         down = self.down.get_value().astype(dtype)
         up = self.up.get_value().astype(dtype)
         x = x.astype(dtype)
-        if self.dropout_key is not None and self.dropout:
+        if self.dropout_key is not None and self.dropout and self.dropout_active:
             key = jax.random.wrap_key_data(self.dropout_key.get_value())
             keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros((), dtype))
@@ -208,6 +209,7 @@ def set_dropout_key(model: nnx.Module, key: jax.Array) -> None:
             shape = node.dropout_key.get_value().shape
             keys = jax.random.split(jax.random.fold_in(key, i), math.prod(shape[:-1]) or 1)
             node.dropout_key.set_value(jax.random.key_data(keys).reshape(shape))
+            node.dropout_active = True
             i += 1
 
 

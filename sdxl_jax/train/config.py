@@ -20,6 +20,7 @@ from typing import Any
 
 from sdxl_jax import sharding
 from sdxl_jax.data import buckets
+from sdxl_jax.models.lora import GROUPS as LORA_GROUPS
 from sdxl_jax.models.unet import UNetConfig
 from sdxl_jax.models.vae import VAEConfig
 
@@ -93,6 +94,35 @@ def ae_factor(config: Any) -> int:
     return autoencoder.vae_preset(config.model.preset).downscale
 
 
+def lora_problems(config: Any) -> list[str]:
+    """What is wrong with a stage's ``lora`` group (LoRA stages: ``experiments/lora.py``)."""
+    c = config.get("lora")
+    if c is None or not c.get("rank", 0):
+        return []
+    problems = []
+    if c.rank < 0:
+        problems.append(f"lora.rank {c.rank}: need >= 1 (0 trains the whole UNet)")
+    if c.get("alpha", 0) < 0:
+        problems.append(f"lora.alpha {c.alpha}: need > 0 (0 means alpha = rank)")
+    if not 0 <= c.get("dropout", 0.0) < 1:
+        problems.append(f"lora.dropout {c.dropout}: need 0 <= p < 1")
+    groups = [g.strip() for g in str(c.get("groups", "attn")).split(",") if g.strip()]
+    unknown = [g for g in groups if g not in LORA_GROUPS]
+    if unknown or not groups:
+        problems.append(f"lora.groups {c.groups!r}: use a comma list of {list(LORA_GROUPS)}")
+    formats = [f.strip() for f in str(c.get("export", "kohya,peft")).split(",") if f.strip()]
+    if any(f not in ("kohya", "peft") for f in formats):
+        problems.append(f"lora.export {c.export!r}: use kohya, peft or both (comma list)")
+    if c.get("export_dtype", "fp16") not in ("fp16", "bf16", "fp32"):
+        problems.append(f"lora.export_dtype {c.export_dtype!r}: use fp16, bf16 or fp32")
+    if not config.init_from:
+        problems.append(
+            "a LoRA stage needs init_from: the model the adapters train on (a diffusers "
+            "folder, a single file, or a finished stage of this workdir)"
+        )
+    return problems
+
+
 def validate(config: Any, n_devices: int) -> None:
     """Raise ValueError listing every problem of ``config`` (an ml_collections ConfigDict)."""
     problems = []
@@ -132,6 +162,7 @@ def validate(config: Any, n_devices: int) -> None:
         problems.append(f"step.cond_dropout {s.cond_dropout}: need 0 <= p < 1")
     if config.optim.warmup_steps > config.optim.total_steps:
         problems.append("optim.warmup_steps exceeds optim.total_steps")
+    problems += lora_problems(config)
     if problems:
         raise ValueError(
             f"config for stage {config.stage!r} cannot run:\n- " + "\n- ".join(problems)

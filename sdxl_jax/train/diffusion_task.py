@@ -38,6 +38,7 @@ from sdxl_jax import conditioning, distributed, sharding
 from sdxl_jax import workdir as workdir_lib
 from sdxl_jax.diffusion.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, sampler_steps
 from sdxl_jax.inference import checkpoints, runtime
+from sdxl_jax.models import lora as lora_lib
 from sdxl_jax.models.unet import UNet2DConditionModel, UNetConfig
 from sdxl_jax.train import config as config_lib
 from sdxl_jax.train import state as state_lib
@@ -136,11 +137,14 @@ class DiffusionTask:
         self.refiner = is_refiner(config)
         self.cached = bool(config.data.cache)  # a folder, or "auto" (the loop builds it)
         self.init_checkpoint = pretrained_init(config, self.workdir)
+        self.lora = lora_config(config)
         self.unet_config = self._unet_config()
         vae, clip_l, clip_g = self._load_frozen()
         online = {} if self.cached else {"vae": vae, "text_encoders": (clip_l, clip_g)}
         abstract = nnx.eval_shape(lambda: self._make(nnx.Rngs(0)))
         self.graphs, self._abstract_params, self.frozen = step_lib.split_models(abstract, **online)
+        if self.lora is not None:
+            self.frozen.update(self._frozen_base())
         self.step_config = step_config(config)
         self.optimizer = state_lib.optimizer_from_config(config.optim)
         self._abstract_state = jax.eval_shape(
@@ -160,11 +164,32 @@ class DiffusionTask:
             ucfg = config_lib.unet_config(self.config.model.preset)
         return dataclasses.replace(ucfg, remat=bool(self.config.model.remat))
 
-    def _make(self, rngs: nnx.Rngs) -> UNet2DConditionModel:
+    def _make(self, rngs: nnx.Rngs, adapters: bool = True) -> UNet2DConditionModel:
+        """The UNet (fp32 parameters), with this stage's LoRA adapters when it trains some."""
         compute = jnp.dtype(self.config.model.compute_dtype)
-        return UNet2DConditionModel(
+        unet = UNet2DConditionModel(
             self.unet_config, rngs=rngs, dtype=compute, param_dtype=jnp.float32
         )
+        if adapters and self.lora is not None:
+            lora_lib.attach(unet, self.lora, nnx.Rngs(self.config.seed + 1))
+        return unet
+
+    def _frozen_base(self) -> dict[str, Any]:
+        """A LoRA stage's frozen UNet: ``init_from``'s weights in the compute dtype, sharded by
+        the usual rules, and the adapters' (dropout) state."""
+        abstract = nnx.eval_shape(lambda: self._make(nnx.Rngs(0), adapters=False))
+        base_abstract = nnx.split(abstract, nnx.Param, ...)[1]
+        compute = jnp.dtype(self.config.model.compute_dtype)
+        base = self._initial_params(base_abstract)
+        shardings = sharding.tree_shardings(base_abstract, self.mesh)
+        base = jax.jit(
+            lambda p: jax.tree.map(lambda a: a.astype(compute), p), out_shardings=shardings
+        )(base)
+        rest = jax.tree.map(
+            lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), NamedSharding(self.mesh, P())),
+            self.frozen["unet_rest"],
+        )
+        return {"unet": base, "unet_rest": rest}
 
     def _load_frozen(self) -> tuple[Any, Any, Any]:
         """The frozen VAE and text encoders (CLIP-L None for a refiner), sharded, with the
@@ -232,15 +257,24 @@ class DiffusionTask:
         return ckpt_lib.abstract_like(self._abstract_state, self.state_shardings)
 
     def init_state(self) -> Any:
-        params = self._initial_params()
+        if self.lora is not None:  # fresh adapters (the base's initialisation is dead code)
+            shardings = sharding.tree_shardings(self._abstract_params, self.mesh)
+            params = jax.jit(
+                lambda: nnx.state(self._make(nnx.Rngs(self.config.seed)), nnx.LoRAParam),
+                out_shardings=shardings,
+            )()
+        else:
+            params = self._initial_params(self._abstract_params)
         init = jax.jit(
             lambda p: state_lib.init_state(p, self.optimizer, self.config.seed),
             out_shardings=self.state_shardings,
         )
         return init(params)
 
-    def _initial_params(self) -> Any:
-        param_shardings = sharding.tree_shardings(self._abstract_params, self.mesh)
+    def _initial_params(self, abstract_params: Any) -> Any:
+        """The UNet's ``init_from`` weights (a stage's final EMA, a pretrained checkpoint) or a
+        random initialisation, as ``abstract_params`` (the UNet's nnx.Param state)."""
+        param_shardings = sharding.tree_shardings(abstract_params, self.mesh)
         exported = stage_export(self.config.init_from, self.workdir)
         if exported is not None:
             stage_dir = exported.parent
@@ -258,10 +292,10 @@ class DiffusionTask:
                     stage_dir, ckpt_lib.abstract_like(base_abstract, base_shardings)
                 )
                 params = warm_start.refiner_from_base(
-                    base, source, self._abstract_params, self.unet_config
+                    base, source, abstract_params, self.unet_config
                 )
                 return jax.device_put(params, param_shardings)
-            abstract = ckpt_lib.abstract_like(self._abstract_params, param_shardings)
+            abstract = ckpt_lib.abstract_like(abstract_params, param_shardings)
             return ckpt_lib.load_final_ema(stage_dir, abstract)
         if self.init_checkpoint is not None:
             unet = formats.load(
@@ -271,7 +305,9 @@ class DiffusionTask:
                 sharding=sharding.loader_sharding(self.mesh),
             )["unet"]
             return nnx.split(unet, nnx.Param, ...)[1]
-        _, state = sharding.init_sharded(self._make, self.mesh, seed=self.config.seed)
+        _, state = sharding.init_sharded(
+            lambda rngs: self._make(rngs, adapters=False), self.mesh, seed=self.config.seed
+        )
         return state
 
     @staticmethod
@@ -323,12 +359,19 @@ class DiffusionTask:
         noise = runtime.initial_noise(seed, range(n), (h // f, w // f, 4))
         return np.asarray(
             self._preview_fn(
-                params, self._text_state, self._vae_state, ids, jnp.asarray(tids, jnp.float32),
-                jnp.asarray(noise), jnp.float32(guidance), steps=steps,
+                params, self._unet_frozen(), self._text_state, self._vae_state, ids,
+                jnp.asarray(tids, jnp.float32), jnp.asarray(noise), jnp.float32(guidance),
+                steps=steps,
             )
         )  # fmt: skip
 
-    def _sample_fn(self, params, text_state, vae_state, ids, tids, noise, guidance, *, steps):
+    def _unet_frozen(self) -> dict[str, Any]:
+        """What the trained parameters need beside them to make the UNet (LoRA: the base)."""
+        return {k: v for k, v in self.frozen.items() if k.startswith("unet")}
+
+    def _sample_fn(
+        self, params, unet_frozen, text_state, vae_state, ids, tids, noise, guidance, *, steps
+    ):
         """DDIM (trailing steps) with classifier-free guidance against a zeroed text context,
         then the fp32 VAE decode: the sampling runtime's own functions."""
         p = sampler_steps(self.step_config.schedule, "ddim", steps, spacing="trailing")
@@ -337,8 +380,9 @@ class DiffusionTask:
         if self.refiner:
             context = context[..., -self.unet_config.cross_attention_dim :]
         dtype = jnp.dtype(self.config.model.compute_dtype)
-        cast = jax.tree.map(lambda a: a.astype(dtype), params)  # once, not in every step
-        unet = lambda: nnx.merge(self.graphs.unet, cast)  # noqa: E731
+        cast = step_lib.cast_floating(params, dtype)  # once, not in every step
+        frozen = step_lib.cast_floating(unet_frozen, dtype)
+        unet = lambda: step_lib.unet_from(cast, frozen, self.graphs, dtype)  # noqa: E731
         pos = (context, pooled, tids)
         neg = (jnp.zeros_like(context), jnp.zeros_like(pooled), tids)
         arrays = {k: jnp.asarray(v) for k, v in p.arrays().items()}
@@ -373,6 +417,8 @@ class DiffusionTask:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
+        if self.lora is not None:
+            return self._export_lora(params, out)
         unet = nnx.merge(nnx.split(nnx.eval_shape(lambda: self._make(nnx.Rngs(0))))[0], params)
         diffusers_io.save_component(unet, out, "unet")
         parts = ["text_encoder_2", "tokenizer_2"] + (
@@ -389,6 +435,46 @@ class DiffusionTask:
         (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule, indent=2))
         (out / "model_index.json").write_text(json.dumps(model_index(self.refiner), indent=2))
         return out
+
+
+    def _export_lora(self, params: Any, out: Path) -> Path:
+        """The EMA adapters as LoRA files: kohya's (``lora.safetensors``: ComfyUI, A1111,
+        diffusers) and diffusers/PEFT's (``pytorch_lora_weights.safetensors``), never mixed."""
+        from sdxl_jax.weights import lora_files
+
+        abstract = nnx.eval_shape(lambda: self._make(nnx.Rngs(0)))
+        graph, _, base, rest = nnx.split(abstract, nnx.LoRAParam, nnx.Param, ...)
+        adapters = lora_lib.adapters_of(nnx.merge(graph, params, base, rest))
+        base_model = nnx.eval_shape(lambda: self._make(nnx.Rngs(0), adapters=False))
+        c = self.config.lora
+        meta = {
+            "ss_network_dim": str(self.lora.rank),
+            "ss_network_alpha": str(self.lora.rank * self.lora.scale),
+            "sdxl_jax_stage": self.config.stage,
+            "sdxl_jax_init_from": str(self.config.init_from),
+        }
+        files = {"kohya": out / "lora.safetensors", "peft": out}
+        for fmt in [f.strip() for f in str(c.get("export", "kohya,peft")).split(",") if f]:
+            lora_files.save(
+                files[fmt], {"unet": adapters}, {"unet": base_model}, format=fmt,
+                dtype=c.get("export_dtype", "fp16"), metadata=meta,
+            )  # fmt: skip
+        return out
+
+
+def lora_config(config: Any) -> lora_lib.LoRAConfig | None:
+    """A stage's ``lora`` group as a :class:`LoRAConfig`; None when the stage trains the whole
+    UNet (no group, or rank 0). ``alpha`` 0 means alpha = rank."""
+    c = config.get("lora")
+    if c is None or not c.get("rank", 0):
+        return None
+    groups = tuple(g.strip() for g in str(c.get("groups", "attn")).split(",") if g.strip())
+    return lora_lib.LoRAConfig(
+        rank=int(c.rank),
+        alpha=float(c.alpha) if c.get("alpha", 0) else None,
+        groups=groups,
+        dropout=float(c.get("dropout", 0.0)),
+    )
 
 
 def _link_tree(src: Path, dst: Path) -> None:

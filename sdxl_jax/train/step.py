@@ -39,6 +39,7 @@ from flax import nnx
 
 from sdxl_jax import conditioning
 from sdxl_jax.diffusion.schedule import NoiseSchedule
+from sdxl_jax.models import lora as lora_lib
 from sdxl_jax.models import vae as vae_lib
 from sdxl_jax.models.unet import UNetConfig
 from sdxl_jax.train.state import (
@@ -115,6 +116,9 @@ class Graphs:
     unet_config: UNetConfig
     vae: Any = None
     text: Any = None
+    # LoRA: ``unet`` is the graph of (adapters, frozen base, other state); the trained
+    # parameters are the adapters and ``frozen["unet"]`` / ``frozen["unet_rest"]`` the rest.
+    lora: bool = False
 
 
 class Inputs(NamedTuple):
@@ -137,13 +141,20 @@ def split_models(
     ``vae`` and ``text_encoders`` ``(clip_l or None, clip_g)`` are needed only for online
     training; ``frozen`` is then ``{"vae": ..., "text": ...}``.
     """
-    graph, params, rest = nnx.split(unet, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise ValueError(
-            "the UNet holds state other than nnx.Param; the train step cannot carry it"
-        )
-    graphs = Graphs(unet=graph, unet_config=unet.config)
     frozen: dict[str, nnx.State] = {}
+    if lora_lib.has_adapters(unet):
+        # Only the adapters train; the base and the adapters' dropout keys ride along frozen.
+        graph, params, frozen["unet"], frozen["unet_rest"] = nnx.split(
+            unet, nnx.LoRAParam, nnx.Param, ...
+        )
+        graphs = Graphs(unet=graph, unet_config=unet.config, lora=True)
+    else:
+        graph, params, rest = nnx.split(unet, nnx.Param, ...)
+        if jax.tree.leaves(rest):
+            raise ValueError(
+                "the UNet holds state other than nnx.Param; the train step cannot carry it"
+            )
+        graphs = Graphs(unet=graph, unet_config=unet.config)
     if vae is not None:
         vae_graph, frozen["vae"] = nnx.split(vae)
         graphs = dataclasses.replace(graphs, vae=vae_graph)
@@ -195,6 +206,37 @@ def snr_weight(abar: jax.Array, gamma: float, prediction_type: str) -> jax.Array
     return clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1.0)
 
 
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(
+        lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, tree
+    )
+
+
+def unet_from(
+    params: nnx.State,
+    frozen: dict[str, nnx.State] | None,
+    graphs: Graphs,
+    dtype: Any,
+    dropout_key: jax.Array | None = None,
+) -> nnx.Module:
+    """The UNet of the trained ``params`` (cast to ``dtype``): all its weights, or with LoRA
+    its adapters over the frozen base in ``frozen`` (adapter dropout drawn from
+    ``dropout_key``; None: no dropout, as in sampling)."""
+    if not graphs.lora:
+        return nnx.merge(graphs.unet, cast_floating(params, dtype))
+    if not frozen or "unet" not in frozen:
+        raise ValueError("a LoRA step needs the frozen base UNet: frozen['unet'] from split_models")
+    unet = nnx.merge(
+        graphs.unet,
+        cast_floating(params, dtype),
+        cast_floating(frozen["unet"], dtype),
+        frozen["unet_rest"],
+    )
+    if dropout_key is not None:
+        lora_lib.set_dropout_key(unet, dropout_key)
+    return unet
+
+
 def loss_fn(
     params: nnx.State,
     inputs: Inputs,
@@ -203,9 +245,12 @@ def loss_fn(
     *,
     graphs: Graphs,
     cfg: StepConfig,
+    frozen: dict[str, nnx.State] | None = None,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The (weighted) mean squared error of the UNet's prediction, fp32; differentiable in
-    ``params`` (fp32 master weights, cast to the compute dtype for the forward)."""
+    ``params`` (fp32 master weights, cast to the compute dtype for the forward; with LoRA the
+    adapters, over the frozen base in ``frozen``)."""
     abar = alphas_cumprod(cfg)[t]  # [B]
     a = jnp.sqrt(abar).reshape(-1, 1, 1, 1)
     s = jnp.sqrt(1.0 - abar).reshape(-1, 1, 1, 1)
@@ -213,10 +258,7 @@ def loss_fn(
     target = diffusion_target(inputs.x0, noise, abar, cfg.prediction_type)
 
     dtype = jnp.dtype(cfg.compute_dtype)
-    cast = jax.tree.map(
-        lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
-    )
-    unet = nnx.merge(graphs.unet, cast)
+    unet = unet_from(params, frozen, graphs, dtype, dropout_key)
     if jnp.dtype(unet.dtype) != dtype:
         # nnx layers promote their weights to the module dtype: a mismatch would silently
         # compute in the graph's dtype with weights rounded to ours.
@@ -330,12 +372,16 @@ def train_step(
     """
     key = jax.random.fold_in(state.rng, state.step)
     k_inputs, k_t, k_noise = jax.random.split(key, 3)
+    k_dropout = jax.random.fold_in(key, 3)  # LoRA dropout (adapters only)
     inputs = prepare(batch, frozen, k_inputs, graphs=graphs, cfg=cfg)
     t = sample_timesteps(k_t, inputs.x0.shape[0], cfg)
     noise = sample_noise(k_noise, inputs.x0.shape, cfg.offset_noise)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, _), grads = grad_fn(state.params, inputs, t, noise, graphs=graphs, cfg=cfg)
+    (loss, _), grads = grad_fn(
+        state.params, inputs, t, noise, graphs=graphs, cfg=cfg, frozen=frozen,
+        dropout_key=k_dropout,
+    )  # fmt: skip
     grad_norm = optax.global_norm(grads)
 
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
