@@ -12,10 +12,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sdxl_jax import sharding as sh
+from sdxl_jax.models.lora import LoRAConfig, attach
 from sdxl_jax.train.state import init_state, make_optimizer
 from sdxl_jax.train.step import StepConfig, split_models, train_step
 from sdxl_jax.weights.components import COMPONENTS
@@ -69,20 +71,31 @@ def lower_train_step(
     refiner: bool = False,
     compute_dtype: str = "bfloat16",
     optimizer: Any = None,
+    lora: LoRAConfig | None = None,
 ) -> tuple[Any, Any]:
     """(``jax.stages.Lowered``, abstract TrainState) of the jitted, state-donating train step
     for ``unet`` (a UNetConfig) at ``latent_hw`` latents and global ``batch`` on ``mesh`` (state
     sharded by the logical-axis rules, batch over data x fsdp). Nothing is allocated.
 
     ``unroll``: unroll the scanned transformer stacks (for FLOP counting: XLA counts a scan body
-    once). ``optimizer`` defaults to the paper's AdamW (constant lr after warm-up).
+    once). ``optimizer`` defaults to the paper's AdamW (constant lr after warm-up). ``lora``:
+    only these adapters train, over a frozen base in the compute dtype (an argument of the
+    step, sharded by the same rules).
     """
 
     cfg = dataclasses.replace(unet, remat=remat, scan_unroll=unroll)
     model = COMPONENTS["unet"].abstract(
         cfg, dtype=jnp.dtype(compute_dtype), param_dtype=jnp.float32
     )
-    graphs, params, _ = split_models(model)
+    if lora is not None:
+        attach(model, lora, nnx.Rngs(0))
+    graphs, params, frozen = split_models(model)
+    frozen = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(compute_dtype))
+        if jnp.issubdtype(x.dtype, jnp.floating)
+        else x,
+        frozen,
+    )
     if optimizer is None:
         optimizer = make_optimizer(1e-4, 10_000, 600_000, schedule="constant")
     state = jax.eval_shape(lambda p: init_state(p, optimizer, 0), params)
@@ -93,12 +106,12 @@ def lower_train_step(
     step = functools.partial(train_step, graphs=graphs, cfg=step_cfg, optimizer=optimizer)
     fn = jax.jit(
         step,
-        in_shardings=(state_sh, batch_sh),
+        in_shardings=(state_sh, batch_sh, sh.tree_shardings(frozen, mesh)),
         out_shardings=(state_sh, None),
         donate_argnums=0,
     )
     with jax.set_mesh(mesh):  # as the trainer runs it (activations kept batch-split)
-        return fn.lower(state, inputs), state
+        return fn.lower(state, inputs, frozen), state
 
 
 def xla_flops(lowered: Any) -> float:
