@@ -51,6 +51,7 @@ from flax import nnx
 
 from sdxl_jax import sharding as sh
 from sdxl_jax.data import buckets
+from sdxl_jax.models.lora import attach
 from sdxl_jax.train import config as config_lib
 from sdxl_jax.train.lowering import (
     COMPILE_DEVICES,
@@ -125,6 +126,7 @@ class Stage:
     accumulate: int
     mesh: dict[str, int]
     optim: Any
+    lora: Any = None  # LoRAConfig: only adapters train, over a frozen base
 
     @property
     def images_per_step(self) -> int:
@@ -174,6 +176,8 @@ def stage_from_config(
     config's global batch, steps and mesh. Raises ValueError naming the fix (the training's own
     checks, ``sdxl_jax.train.config.validate``)."""
     config = config.copy_and_resolve_references()
+    if config.get("lora") is not None and not config.init_from:
+        config.init_from = "(pretrained)"  # a LoRA stage's required base: not read by the plan
     if batch is not None:
         config.data.global_batch_size = batch
     if mesh is not None:
@@ -207,6 +211,7 @@ def stage_from_config(
         accumulate=int(config.optim.accumulate),
         mesh=sizes,
         optim=config.optim,
+        lora=config_lib.lora_config(config),
     )
 
 
@@ -228,17 +233,22 @@ def throughput(
 
 
 def memory(
-    param_bytes: float, act: Activations | None, latent_pixels: int, batch: int, hbm: float
-) -> dict[str, Any]:
+    param_bytes: float, act: Activations | None, latent_pixels: int, batch: int, hbm: float,
+    frozen_bytes: float = 0.0,
+) -> dict[str, Any]:  # fmt: skip
     """Per-device bytes: state (fp32 params, Adam mu and nu, EMA: 4 x the param shard), fp32
-    gradients (1 x), ``act.other`` and ``batch`` samples' activations scaled to
-    ``latent_pixels``; the largest batch that fits ``hbm``."""
-    out: dict[str, Any] = {"state_bytes": 4 * param_bytes, "grad_bytes": param_bytes}
+    gradients (1 x), a LoRA stage's frozen base (``frozen_bytes``), ``act.other`` and ``batch``
+    samples' activations scaled to ``latent_pixels``; the largest batch that fits ``hbm``."""
+    out: dict[str, Any] = {
+        "state_bytes": 4 * param_bytes,
+        "grad_bytes": param_bytes,
+        "frozen_bytes": frozen_bytes,
+    }
     if act is None:
         none = ("other_bytes", "activations_per_sample", "total_bytes", "max_batch", "fits")
         return out | dict.fromkeys(none) | {"activations_source": "none"}
     per_sample = act.per_sample * latent_pixels / act.latent_pixels
-    fixed = 5 * param_bytes + act.other
+    fixed = 5 * param_bytes + frozen_bytes + act.other
     total = fixed + batch * per_sample
     scaled = "" if latent_pixels == act.latent_pixels else ", scaled by latent pixels"
     return out | {
@@ -277,6 +287,7 @@ def plan_stage(
         refiner=stage.refiner,
         compute_dtype=stage.compute_dtype,
         optimizer=optimizer_from_config(stage.optim),
+        lora=stage.lora,
     )
     remat = count_remat and stage.unet.remat
     flops_lowered = flops_per_sample(stage.unet, stage.lowered_latent, remat=remat, **kw)
@@ -284,13 +295,13 @@ def plan_stage(
     axis = "fsdp" if stage.mesh["fsdp"] > 1 else "data"
     if compile:
         act = measure_activations(stage.unet, stage.lowered_latent, axis=axis, **kw)
-    elif stage.unet.remat:  # the stored constants are for remat on
+    elif stage.unet.remat and stage.lora is None:  # the stored constants: remat on, no LoRA
         act = STORED_ACTIVATIONS.get((stage.preset, axis))
         if act is not None:
             act = dataclasses.replace(act, source=f"stored: CPU plan at 1024^2, {act.source}")
     else:
         act = None
-    params = _abstract_params(stage.unet, stage.compute_dtype)
+    params, frozen = _abstract_params(stage.unet, stage.compute_dtype, stage.lora)
     row = {
         "stage": stage.name,
         "bucket_set": stage.bucket_set,
@@ -301,6 +312,8 @@ def plan_stage(
         "flops_per_sample": flops,
         "flops_counted": "hardware (with recomputation)" if remat else "model (no recomputation)",
         "params": sum(x.size for x in jax.tree.leaves(params)),
+        "frozen_params": sum(x.size for x in jax.tree.leaves(frozen)),
+        "lora": None if stage.lora is None else dataclasses.asdict(stage.lora),
         "steps": stage.steps,
         "steps_source": stage.steps_source,
         "global_batch": stage.global_batch,
@@ -313,7 +326,10 @@ def plan_stage(
     row |= throughput(flops, stage.images_per_step, chips, chip.peak_flops, mfu, stage.steps)
     param_bytes = param_bytes_per_device(params, stage.mesh)
     per_device = stage.batch_per_device
-    row |= memory(param_bytes, act, stage.max_latent_pixels, per_device, chip.hbm_bytes)
+    frozen_bytes = param_bytes_per_device(frozen, stage.mesh)
+    row |= memory(
+        param_bytes, act, stage.max_latent_pixels, per_device, chip.hbm_bytes, frozen_bytes
+    )
     if act is None:
         row["activations_source"] = "none stored for this preset and remat: run with --compile"
     elif axis == "fsdp" and stage.mesh["fsdp"] != COMPILE_DEVICES:
@@ -326,10 +342,16 @@ def plan_stage(
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_params(unet: Any, compute_dtype: str) -> Any:
-
+def _abstract_params(unet: Any, compute_dtype: str, lora: Any = None) -> tuple[Any, Any]:
+    """(trained parameters, frozen ones): the UNet's and nothing, or a LoRA stage's adapters
+    and its base in the compute dtype."""
     model = COMPONENTS["unet"].abstract(unet, dtype=jnp.dtype(compute_dtype))
-    return nnx.split(model, nnx.Param, ...)[1]
+    if lora is None:
+        return nnx.split(model, nnx.Param, ...)[1], {}
+    attach(model, lora, nnx.Rngs(0))
+    _, adapters, base, _ = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+    dtype = jnp.dtype(compute_dtype)
+    return adapters, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), base)
 
 
 # -- output ------------------------------------------------------------------------------
@@ -375,7 +397,9 @@ def format_plan(rows: Sequence[dict[str, Any]], chip: Chip, chips: int, mfu: flo
         mesh = " ".join(f"{a}={n}" for a, n in r["mesh"].items())
         fits = {None: "n/a", True: "yes", False: "**no**"}[r["fits"]]
         lines.append(
-            f"| {r['stage']} | {mesh} | {_gb(r['state_bytes'])} + {_gb(r['grad_bytes'])} | "
+            f"| {r['stage']} | {mesh} | {_gb(r['state_bytes'])} + {_gb(r['grad_bytes'])}"
+            + (f" + {_gb(r['frozen_bytes'])} frozen base" if r["frozen_bytes"] else "")
+            + " | "
             f"{_gb(r['other_bytes'])} | {_gb(r['activations_per_sample'])} | "
             f"{r['batch_per_device']} | {_gb(r['total_bytes'])} | "
             f"{'n/a' if r['max_batch'] is None else r['max_batch']} | {fits} |"
@@ -383,8 +407,16 @@ def format_plan(rows: Sequence[dict[str, Any]], chip: Chip, chips: int, mfu: flo
     lines += ["", "Per stage:"]
     for r in rows:
         h, w = r["lowered_bucket"]
+        lora = r["lora"]
+        trained = (
+            f"LoRA rank {lora['rank']} on {', '.join(lora['groups'])}: "
+            f"{r['params'] / 1e6:.1f}M trained params over a frozen "
+            f"{r['frozen_params'] / 1e9:.2f}B base"
+            if lora
+            else f"{r['params'] / 1e9:.2f}B params"
+        )
         lines.append(
-            f"- {r['stage']}: {r['params'] / 1e9:.2f}B params; {r['flops_counted']} FLOPs of the "
+            f"- {r['stage']}: {trained}; {r['flops_counted']} FLOPs of the "
             f"{h}x{w} bucket ({r['flops_per_sample_lowered_bucket'] / 1e12:.2f} TFLOP/sample) "
             f"scaled by pixels to the set's mean; steps: {r['steps_source']}; activations: "
             f"{r['activations_source']}, for the largest bucket"

@@ -21,6 +21,7 @@ from typing import Any
 from sdxl_jax import sharding
 from sdxl_jax.data import buckets
 from sdxl_jax.models.lora import GROUPS as LORA_GROUPS
+from sdxl_jax.models.lora import LoRAConfig
 from sdxl_jax.models.unet import UNetConfig
 from sdxl_jax.models.vae import VAEConfig
 
@@ -92,6 +93,21 @@ def ae_factor(config: Any) -> int:
     from sdxl_jax.train import autoencoder
 
     return autoencoder.vae_preset(config.model.preset).downscale
+
+
+def lora_config(config: Any) -> LoRAConfig | None:
+    """A stage's ``lora`` group as a :class:`LoRAConfig`; None when the stage trains the whole
+    UNet (no group, or rank 0). ``alpha`` 0 means alpha = rank."""
+    c = config.get("lora")
+    if c is None or not c.get("rank", 0):
+        return None
+    groups = tuple(g.strip() for g in str(c.get("groups", "attn")).split(",") if g.strip())
+    return LoRAConfig(
+        rank=int(c.rank),
+        alpha=float(c.alpha) if c.get("alpha", 0) else None,
+        groups=groups,
+        dropout=float(c.get("dropout", 0.0)),
+    )
 
 
 def lora_problems(config: Any) -> list[str]:

@@ -137,7 +137,7 @@ class DiffusionTask:
         self.refiner = is_refiner(config)
         self.cached = bool(config.data.cache)  # a folder, or "auto" (the loop builds it)
         self.init_checkpoint = pretrained_init(config, self.workdir)
-        self.lora = lora_config(config)
+        self.lora = config_lib.lora_config(config)
         self.unet_config = self._unet_config()
         vae, clip_l, clip_g = self._load_frozen()
         online = {} if self.cached else {"vae": vae, "text_encoders": (clip_l, clip_g)}
@@ -436,7 +436,6 @@ class DiffusionTask:
         (out / "model_index.json").write_text(json.dumps(model_index(self.refiner), indent=2))
         return out
 
-
     def _export_lora(self, params: Any, out: Path) -> Path:
         """The EMA adapters as LoRA files: kohya's (``lora.safetensors``: ComfyUI, A1111,
         diffusers) and diffusers/PEFT's (``pytorch_lora_weights.safetensors``), never mixed."""
@@ -460,21 +459,6 @@ class DiffusionTask:
                 dtype=c.get("export_dtype", "fp16"), metadata=meta,
             )  # fmt: skip
         return out
-
-
-def lora_config(config: Any) -> lora_lib.LoRAConfig | None:
-    """A stage's ``lora`` group as a :class:`LoRAConfig`; None when the stage trains the whole
-    UNet (no group, or rank 0). ``alpha`` 0 means alpha = rank."""
-    c = config.get("lora")
-    if c is None or not c.get("rank", 0):
-        return None
-    groups = tuple(g.strip() for g in str(c.get("groups", "attn")).split(",") if g.strip())
-    return lora_lib.LoRAConfig(
-        rank=int(c.rank),
-        alpha=float(c.alpha) if c.get("alpha", 0) else None,
-        groups=groups,
-        dropout=float(c.get("dropout", 0.0)),
-    )
 
 
 def _link_tree(src: Path, dst: Path) -> None:

@@ -91,9 +91,11 @@ def lower_train_step(
         attach(model, lora, nnx.Rngs(0))
     graphs, params, frozen = split_models(model)
     frozen = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(compute_dtype))
-        if jnp.issubdtype(x.dtype, jnp.floating)
-        else x,
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, jnp.dtype(compute_dtype))
+            if jnp.issubdtype(x.dtype, jnp.floating)
+            else x
+        ),
         frozen,
     )
     if optimizer is None:
@@ -129,6 +131,7 @@ def flops_per_sample(
     optimizer: Any = None,
     remat: bool = False,
     batch: int = LOWER_BATCH,
+    lora: LoRAConfig | None = None,
 ) -> float:
     """XLA's FLOPs of one training step / batch, scanned stacks unrolled, on one CPU device.
     ``remat=False`` (default) counts model FLOPs; True adds the recomputation (hardware FLOPs)."""
@@ -136,7 +139,7 @@ def flops_per_sample(
     mesh = sh.make_mesh({"fsdp": 1}, jax.devices()[:1])
     lowered, _ = lower_train_step(
         unet, latent_hw, batch, mesh, remat=remat, unroll=True, refiner=refiner,
-        compute_dtype=compute_dtype, optimizer=optimizer,
+        compute_dtype=compute_dtype, optimizer=optimizer, lora=lora,
     )  # fmt: skip
     return xla_flops(lowered) / batch
 
@@ -165,6 +168,7 @@ def measure_activations(
     compute_dtype: str = "bfloat16",
     optimizer: Any = None,
     devices: int = COMPILE_DEVICES,
+    lora: LoRAConfig | None = None,
 ) -> Activations:
     """Compile the scanned step (remat as ``unet.remat``) on ``devices`` simulated devices, all
     on mesh ``axis`` ("fsdp", or "data": replicated weights), at 1 and 2 samples per device. The
@@ -181,7 +185,7 @@ def measure_activations(
     for per_device in (1, 2):
         lowered, state = lower_train_step(
             unet, latent_hw, per_device * devices, mesh, remat=unet.remat, refiner=refiner,
-            compute_dtype=compute_dtype, optimizer=optimizer,
+            compute_dtype=compute_dtype, optimizer=optimizer, lora=lora,
         )  # fmt: skip
         temps.append(lowered.compile().memory_analysis().temp_size_in_bytes)
     per_sample = temps[1] - temps[0]
