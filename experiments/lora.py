@@ -28,6 +28,10 @@ def lora_group(rank: int = 32) -> ml_collections.ConfigDict:
             # out), ff (feed-forward), proj (proj_in / proj_out), conv (ResNet and resampler
             # convolutions, LoCon).
             "groups": "attn",
+            # Text-encoder adapters (both encoders; the refiner's one), a comma list of attn
+            # (q/k/v/out projections) and mlp (fc1, fc2); empty: the encoders stay frozen.
+            # They need the text encoded in the step: data.cache=''.
+            "text_groups": "",
             "dropout": 0.0,  # of the adapters' inputs (PEFT's lora_dropout)
             "export": "kohya,peft",  # the files written at the end of the stage
             "export_dtype": "fp16",

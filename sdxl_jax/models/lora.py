@@ -56,8 +56,7 @@ GROUPS: dict[str, Callable[[Path, nnx.Module], bool]] = {
     "ff": lambda p, m: len(p) >= 2 and p[-2] == "ff" and _leaf(p, "proj", "out"),
     "proj": lambda p, m: _leaf(p, "proj_in", "proj_out") and isinstance(m, Linear),
     "conv": lambda p, m: (
-        isinstance(m, Conv)
-        and any(s in p for s in ("resnets", "downsamplers", "upsamplers"))
+        isinstance(m, Conv) and any(s in p for s in ("resnets", "downsamplers", "upsamplers"))
     ),
     "mlp": lambda p, m: len(p) >= 2 and p[-2] == "mlp" and _leaf(p, "fc1", "fc2"),
 }
@@ -189,9 +188,7 @@ def attach(model: nnx.Module, config: LoRAConfig, rngs: nnx.Rngs) -> list[Path]:
         if layer.lora is not None:
             raise ValueError(f"{'.'.join(map(str, path))} already has an adapter")
         try:
-            layer.lora = LoRA(
-                layer, config.rank, config.scale, dropout=config.dropout, rngs=rngs
-            )
+            layer.lora = LoRA(layer, config.rank, config.scale, dropout=config.dropout, rngs=rngs)
         except ValueError as e:
             raise ValueError(f"{'.'.join(map(str, path))}: {e}") from None
     return [p for p, _ in found]

@@ -95,13 +95,20 @@ def ae_factor(config: Any) -> int:
     return autoencoder.vae_preset(config.model.preset).downscale
 
 
-def lora_config(config: Any) -> LoRAConfig | None:
-    """A stage's ``lora`` group as a :class:`LoRAConfig`; None when the stage trains the whole
-    UNet (no group, or rank 0). ``alpha`` 0 means alpha = rank."""
+def _groups(text: Any) -> tuple[str, ...]:
+    return tuple(g.strip() for g in str(text or "").split(",") if g.strip())
+
+
+def lora_config(config: Any, *, text: bool = False) -> LoRAConfig | None:
+    """A stage's ``lora`` group as a :class:`LoRAConfig` for the UNet, or with ``text`` for
+    the text encoders (``lora.text_groups``); None when the stage trains the whole UNet (no
+    group, or rank 0) or, with ``text``, no text encoder adapters. ``alpha`` 0: alpha = rank."""
     c = config.get("lora")
     if c is None or not c.get("rank", 0):
         return None
-    groups = tuple(g.strip() for g in str(c.get("groups", "attn")).split(",") if g.strip())
+    groups = _groups(c.get("text_groups", "") if text else c.get("groups", "attn"))
+    if text and not groups:
+        return None
     return LoRAConfig(
         rank=int(c.rank),
         alpha=float(c.alpha) if c.get("alpha", 0) else None,
@@ -122,10 +129,18 @@ def lora_problems(config: Any) -> list[str]:
         problems.append(f"lora.alpha {c.alpha}: need > 0 (0 means alpha = rank)")
     if not 0 <= c.get("dropout", 0.0) < 1:
         problems.append(f"lora.dropout {c.dropout}: need 0 <= p < 1")
-    groups = [g.strip() for g in str(c.get("groups", "attn")).split(",") if g.strip()]
-    unknown = [g for g in groups if g not in LORA_GROUPS]
-    if unknown or not groups:
+    groups = _groups(c.get("groups", "attn"))
+    if not groups or any(g not in LORA_GROUPS for g in groups):
         problems.append(f"lora.groups {c.groups!r}: use a comma list of {list(LORA_GROUPS)}")
+    text_groups = _groups(c.get("text_groups", ""))
+    if any(g not in ("attn", "mlp") for g in text_groups):
+        problems.append(f"lora.text_groups {c.text_groups!r}: use attn, mlp or both, or empty")
+    if text_groups and config.data.cache:
+        problems.append(
+            f"lora.text_groups {c.text_groups!r} trains text-encoder adapters, which need the "
+            f"text encoded in the step, but data.cache is {config.data.cache!r}: set "
+            "--config.data.cache='' (or drop lora.text_groups)"
+        )
     formats = [f.strip() for f in str(c.get("export", "kohya,peft")).split(",") if f.strip()]
     if any(f not in ("kohya", "peft") for f in formats):
         problems.append(f"lora.export {c.export!r}: use kohya, peft or both (comma list)")

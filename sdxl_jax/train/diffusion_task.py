@@ -46,6 +46,7 @@ from sdxl_jax.train import step as step_lib
 from sdxl_jax.train import warm_start
 from sdxl_jax.train.tiny_frozen import TINY_FROZEN, build_tiny_frozen
 from sdxl_jax.weights import configs, diffusers_io, formats
+from sdxl_jax.weights.components import COMPONENTS
 
 ARRAY_KEYS = ("original_size", "crop_coords_top_left", "target_size")
 CACHE_KEYS = ("latent_mean", "latent_logvar", "context", "pooled")
@@ -203,6 +204,12 @@ class DiffusionTask:
         self.vae_config = vae.config
         clip_l = frozen_models.get("text_encoder")
         clip_g = frozen_models["text_encoder_2"]
+        self.text_lora = config_lib.lora_config(self.config, text=True)
+        if self.text_lora is not None:  # fresh adapters on both encoders (trained, not frozen)
+            for i, clip in enumerate((clip_l, clip_g)):
+                if clip is not None:
+                    lora_lib.attach(clip, self.text_lora, nnx.Rngs(self.config.seed + 2 + i))
+            self._fresh_text = nnx.state((clip_l, clip_g), nnx.LoRAParam)
         self.text = conditioning.TextEncoders(
             clip_l=clip_l,
             clip_g=clip_g,
@@ -259,10 +266,12 @@ class DiffusionTask:
     def init_state(self) -> Any:
         if self.lora is not None:  # fresh adapters (the base's initialisation is dead code)
             shardings = sharding.tree_shardings(self._abstract_params, self.mesh)
-            params = jax.jit(
-                lambda: nnx.state(self._make(nnx.Rngs(self.config.seed)), nnx.LoRAParam),
-                out_shardings=shardings,
-            )()
+            make = lambda: nnx.state(self._make(nnx.Rngs(self.config.seed)), nnx.LoRAParam)  # noqa: E731
+            if self.text_lora is not None:
+                fresh = self._fresh_text
+                params = jax.jit(lambda: {"unet": make(), "text": fresh}, out_shardings=shardings)()
+            else:
+                params = jax.jit(make, out_shardings=shardings)()
         else:
             params = self._initial_params(self._abstract_params)
         init = jax.jit(
@@ -366,8 +375,10 @@ class DiffusionTask:
         )  # fmt: skip
 
     def _unet_frozen(self) -> dict[str, Any]:
-        """What the trained parameters need beside them to make the UNet (LoRA: the base)."""
-        return {k: v for k, v in self.frozen.items() if k.startswith("unet")}
+        """What the trained parameters need beside them to make the UNet and, with text
+        adapters, the text encoders (LoRA: the frozen bases)."""
+        keys = ("unet", "unet_rest") + (("text", "text_rest") if self.graphs.text_lora else ())
+        return {k: self.frozen[k] for k in keys if k in self.frozen}
 
     def _sample_fn(
         self, params, unet_frozen, text_state, vae_state, ids, tids, noise, guidance, *, steps
@@ -375,11 +386,14 @@ class DiffusionTask:
         """DDIM (trailing steps) with classifier-free guidance against a zeroed text context,
         then the fp32 VAE decode: the sampling runtime's own functions."""
         p = sampler_steps(self.step_config.schedule, "ddim", steps, spacing="trailing")
-        clip_l, clip_g = nnx.merge(self._text_graph, text_state)
+        dtype = jnp.dtype(self.config.model.compute_dtype)
+        if self.graphs.text_lora:
+            clip_l, clip_g = step_lib.text_from(params, unet_frozen, self.graphs, dtype)
+        else:
+            clip_l, clip_g = nnx.merge(self._text_graph, text_state)
         context, pooled = conditioning.encode_text(clip_l, clip_g, ids)
         if self.refiner:
             context = context[..., -self.unet_config.cross_attention_dim :]
-        dtype = jnp.dtype(self.config.model.compute_dtype)
         cast = step_lib.cast_floating(params, dtype)  # once, not in every step
         frozen = step_lib.cast_floating(unet_frozen, dtype)
         unet = lambda: step_lib.unet_from(cast, frozen, self.graphs, dtype)  # noqa: E731
@@ -441,10 +455,19 @@ class DiffusionTask:
         diffusers) and diffusers/PEFT's (``pytorch_lora_weights.safetensors``), never mixed."""
         from sdxl_jax.weights import lora_files
 
+        unet_params = params["unet"] if self.graphs.text_lora else params
         abstract = nnx.eval_shape(lambda: self._make(nnx.Rngs(0)))
         graph, _, base, rest = nnx.split(abstract, nnx.LoRAParam, nnx.Param, ...)
-        adapters = lora_lib.adapters_of(nnx.merge(graph, params, base, rest))
-        base_model = nnx.eval_shape(lambda: self._make(nnx.Rngs(0), adapters=False))
+        adapters = {"unet": lora_lib.adapters_of(nnx.merge(graph, unet_params, base, rest))}
+        models = {"unet": nnx.eval_shape(lambda: self._make(nnx.Rngs(0), adapters=False))}
+        if self.graphs.text_lora:
+            encoders = nnx.merge(
+                self.graphs.text, params["text"], self.frozen["text"], self.frozen["text_rest"]
+            )
+            for name, clip in zip(("te1", "te2"), encoders, strict=True):
+                if clip is not None:
+                    adapters[name] = lora_lib.adapters_of(clip)
+                    models[name] = COMPONENTS["text_encoder"].abstract(clip.config)
         c = self.config.lora
         meta = {
             "ss_network_dim": str(self.lora.rank),
@@ -455,7 +478,7 @@ class DiffusionTask:
         files = {"kohya": out / "lora.safetensors", "peft": out}
         for fmt in [f.strip() for f in str(c.get("export", "kohya,peft")).split(",") if f]:
             lora_files.save(
-                files[fmt], {"unet": adapters}, {"unet": base_model}, format=fmt,
+                files[fmt], adapters, models, format=fmt,
                 dtype=c.get("export_dtype", "fp16"), metadata=meta,
             )  # fmt: skip
         return out

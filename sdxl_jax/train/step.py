@@ -119,15 +119,22 @@ class Graphs:
     # LoRA: ``unet`` is the graph of (adapters, frozen base, other state); the trained
     # parameters are the adapters and ``frozen["unet"]`` / ``frozen["unet_rest"]`` the rest.
     lora: bool = False
+    # Adapters on the text encoders too: the trained parameters are then
+    # ``{"unet": ..., "text": ...}`` and the text is encoded inside the loss.
+    text_lora: bool = False
 
 
 class Inputs(NamedTuple):
-    """What the UNet is trained on, before noising (all fp32)."""
+    """What the UNet is trained on, before noising (all fp32). With text-encoder adapters the
+    text is encoded in the loss: ``context`` / ``pooled`` are None and ``ids`` / ``drop`` (the
+    token ids and the guidance-dropout mask) stand in."""
 
     x0: jax.Array  # [B, h, w, C] latents at the diffusion scale
-    context: jax.Array  # [B, 77, D]
-    pooled: jax.Array  # [B, P]
+    context: jax.Array | None  # [B, 77, D]
+    pooled: jax.Array | None  # [B, P]
     time_ids: jax.Array  # [B, 6] base, [B, 5] refiner
+    ids: dict[str, jax.Array] | None = None
+    drop: jax.Array | None = None  # [B] bool
 
 
 def split_models(
@@ -148,6 +155,14 @@ def split_models(
             unet, nnx.LoRAParam, nnx.Param, ...
         )
         graphs = Graphs(unet=graph, unet_config=unet.config, lora=True)
+        encoders = tuple(text_encoders or ())
+        if any(m is not None and lora_lib.has_adapters(m) for m in encoders):
+            text_graph, text, frozen["text"], frozen["text_rest"] = nnx.split(
+                encoders, nnx.LoRAParam, nnx.Param, ...
+            )
+            graphs = dataclasses.replace(graphs, text=text_graph, text_lora=True)
+            params = {"unet": params, "text": text}
+            text_encoders = None  # split here
     else:
         graph, params, rest = nnx.split(unet, nnx.Param, ...)
         if jax.tree.leaves(rest):
@@ -224,6 +239,8 @@ def unet_from(
     ``dropout_key``; None: no dropout, as in sampling)."""
     if not graphs.lora:
         return nnx.merge(graphs.unet, cast_floating(params, dtype))
+    if graphs.text_lora:
+        params = params["unet"]
     if not frozen or "unet" not in frozen:
         raise ValueError("a LoRA step needs the frozen base UNet: frozen['unet'] from split_models")
     unet = nnx.merge(
@@ -235,6 +252,46 @@ def unet_from(
     if dropout_key is not None:
         lora_lib.set_dropout_key(unet, dropout_key)
     return unet
+
+
+def text_from(
+    params: Any,
+    frozen: dict[str, nnx.State],
+    graphs: Graphs,
+    dtype: Any,
+    dropout_key: jax.Array | None = None,
+) -> tuple[Any, Any]:
+    """The text encoders (CLIP-L or None, bigG) with the trained adapters of ``params["text"]``
+    over their frozen weights."""
+    encoders = nnx.merge(
+        graphs.text,
+        cast_floating(params["text"], dtype),
+        frozen["text"],
+        frozen["text_rest"],
+    )
+    if dropout_key is not None:
+        for i, m in enumerate(encoders):
+            if m is not None:
+                lora_lib.set_dropout_key(m, jax.random.fold_in(dropout_key, 100 + i))
+    return encoders
+
+
+def text_inputs(
+    context: jax.Array, pooled: jax.Array, drop: jax.Array, graphs: Graphs, cfg: StepConfig
+) -> tuple[jax.Array, jax.Array]:
+    """The text conditioning the UNet reads: a refiner's bigG part, widths checked, guidance
+    dropout applied."""
+    width = graphs.unet_config.cross_attention_dim
+    if cfg.refiner and context.shape[-1] > width:
+        # A base context (CLIP-L then bigG): the refiner reads the bigG part only.
+        context = context[..., -width:]
+    if context.shape[-1] != width:
+        raise ValueError(
+            f"text context is {context.shape[-1]} wide but the UNet attends to {width}; "
+            f"{'' if cfg.refiner else 'is this a refiner? set StepConfig.refiner; '}check the "
+            f"text encoders or the cache"
+        )
+    return conditioning.drop_text(context, pooled, drop)
 
 
 def loss_fn(
@@ -259,6 +316,11 @@ def loss_fn(
 
     dtype = jnp.dtype(cfg.compute_dtype)
     unet = unet_from(params, frozen, graphs, dtype, dropout_key)
+    if inputs.context is None:  # text-encoder adapters: encode with them
+        clip_l, clip_g = text_from(params, frozen, graphs, dtype, dropout_key)
+        context, pooled = conditioning.encode_text(clip_l, clip_g, inputs.ids)
+        context, pooled = text_inputs(context, pooled, inputs.drop, graphs, cfg)
+        inputs = inputs._replace(context=context, pooled=pooled)
     if jnp.dtype(unet.dtype) != dtype:
         # nnx layers promote their weights to the module dtype: a mismatch would silently
         # compute in the graph's dtype with weights rounded to ours.
@@ -322,6 +384,15 @@ def prepare(
     else:
         raise ValueError(f"the batch has neither latent_mean nor image (keys: {sorted(batch)})")
 
+    drop = jax.random.bernoulli(k_drop, cfg.cond_dropout, (x0.shape[0],))
+    if graphs.text_lora:  # encoded in the loss, through the trained adapters
+        if "ids_g" not in batch:
+            raise ValueError(
+                "text-encoder adapters need token ids (online text): the batch has "
+                f"{sorted(batch)}; train without a text cache (data.cache='')"
+            )
+        ids = {k: batch[k] for k in ("ids_l", "ids_g") if k in batch}
+        return Inputs(x0, None, None, time_ids(batch, cfg), ids=ids, drop=drop)
     if "context" in batch:
         context = batch["context"].astype(jnp.float32)
         pooled = batch["pooled"].astype(jnp.float32)
@@ -336,20 +407,7 @@ def prepare(
         context, pooled = conditioning.encode_text(clip_l, clip_g, ids)
     else:
         raise ValueError(f"the batch has neither context nor ids_g (keys: {sorted(batch)})")
-
-    width = graphs.unet_config.cross_attention_dim
-    if cfg.refiner and context.shape[-1] > width:
-        # A base context (CLIP-L then bigG): the refiner reads the bigG part only.
-        context = context[..., -width:]
-    if context.shape[-1] != width:
-        raise ValueError(
-            f"text context is {context.shape[-1]} wide but the UNet attends to {width}; "
-            f"{'' if cfg.refiner else 'is this a refiner? set StepConfig.refiner; '}check the "
-            f"text encoders or the cache"
-        )
-
-    drop = jax.random.bernoulli(k_drop, cfg.cond_dropout, (x0.shape[0],))
-    context, pooled = conditioning.drop_text(context, pooled, drop)
+    context, pooled = text_inputs(context, pooled, drop, graphs, cfg)
     return Inputs(x0, context, pooled, time_ids(batch, cfg))
 
 

@@ -150,3 +150,64 @@ def test_train_step_moves_only_adapters_and_drops_with_dropout():
     b, _ = fn(params, ins, t, noise, dropout_key=jax.random.key(1))
     c, _ = fn(params, ins, t, noise)  # no key: no dropout (as in sampling)
     assert float(a) != float(b) and float(c) not in (float(a), float(b))
+
+
+def text_encoders(config: lora.LoRAConfig | None, up_scale: float = 0.0):
+    from sdxl_jax.models.clip import CLIPTextConfig, CLIPTextModel
+
+    pair = (
+        filled(lambda: CLIPTextModel(CLIPTextConfig.tiny(), rngs=nnx.Rngs(0)), 2),
+        filled(lambda: CLIPTextModel(CLIPTextConfig.tiny_bigg(), rngs=nnx.Rngs(0)), 3),
+    )
+    if config is not None:
+        r = np.random.default_rng(11)
+        for i, clip in enumerate(pair):
+            lora.attach(clip, config, nnx.Rngs(20 + i))
+            for _, node in nnx.iter_graph(clip):
+                if isinstance(node, lora.LoRA) and up_scale:
+                    up = node.up.get_value()
+                    node.up.set_value(jnp.asarray(up_scale * r.standard_normal(up.shape)))
+    return pair
+
+
+def test_text_encoder_adapters_encode_in_the_loss():
+    """Text adapters: the loss encodes the ids through them; fresh ones change nothing, random
+    ones give the loss of the text encoders with merged weights, and they get gradients."""
+    ins, t, noise = inputs(3)
+    r = np.random.default_rng(5)
+    batch = {
+        "latent_mean": ins.x0,
+        "latent_logvar": jnp.full_like(ins.x0, -30.0),
+        "ids_l": jnp.asarray(r.integers(0, 1000, (B, 77)), jnp.int32),
+        "ids_g": jnp.asarray(r.integers(0, 1000, (B, 77)), jnp.int32),
+        "original_size": jnp.full((B, 2), 16.0),
+        "crop_coords_top_left": jnp.zeros((B, 2)),
+        "target_size": jnp.full((B, 2), 16.0),
+    }
+    key = jax.random.key(4)
+
+    def loss_of(unet, encoders):
+        graphs, params, frozen = step_lib.split_models(unet, text_encoders=encoders)
+        x = step_lib.prepare(batch, frozen, key, graphs=graphs, cfg=CFG)
+        fn = functools.partial(step_lib.loss_fn, graphs=graphs, cfg=CFG, frozen=frozen)
+        return jax.value_and_grad(fn, has_aux=True)(params, x, t, noise), graphs
+
+    config = lora.LoRAConfig(rank=2, groups=("attn", "mlp"))
+    (plain, _), _ = loss_of(base_unet(), text_encoders(None))
+    (fresh, grads), graphs = loss_of(with_adapters(("attn",), randomise=False),
+                                     text_encoders(config))  # fmt: skip
+    assert graphs.text_lora and set(grads) == {"unet", "text"}
+    np.testing.assert_allclose(float(fresh[0]), float(plain[0]), rtol=1e-6)
+    text_up = [v for p, v in nnx.to_flat_state(grads["text"]) if p[-1] == "up"]
+    assert len(text_up) == 2 * 6  # 2 encoders x (q, k, v, out, fc1, fc2), stacked by layer
+    assert all(np.abs(np.asarray(v.get_value())).max() > 0 for v in text_up)
+
+    # Random text adapters == the encoders with each adapter merged into its kernel.
+    trained = text_encoders(config, up_scale=0.5)
+    merged = text_encoders(None)
+    for clip, target in zip(trained, merged, strict=True):
+        lora.merge(target, lora.adapters_of(clip))
+    (with_lora, _), _ = loss_of(with_adapters(("attn",), randomise=False), trained)
+    (reference, _), _ = loss_of(base_unet(), merged)
+    np.testing.assert_allclose(float(with_lora[0]), float(reference[0]), rtol=1e-5)
+    assert abs(float(with_lora[0]) - float(plain[0])) > 1e-4  # the adapters did something

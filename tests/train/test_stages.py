@@ -1,5 +1,5 @@
 """Every stage config's tiny variant runs, in curriculum order, each starting from the previous
-stage's result: autoencoder -> base_256 -> base_512 -> base_1024 -> refiner, and finetune.
+stage's result: autoencoder -> base_256 -> base_512 -> base_1024 -> refiner, and finetune and lora.
 
 A few steps each on a small synthetic dataset; what is checked is that each stage trains (finite
 losses, its checkpoint, final EMA and export exist) and hands its weights on. Numerical
@@ -13,12 +13,12 @@ import json
 import numpy as np
 import pytest
 
-from experiments import autoencoder, base_256, base_512, base_1024, finetune, refiner
+from experiments import autoencoder, base_256, base_512, base_1024, finetune, lora, refiner
 from sdxl_jax.inference import checkpoints
 from sdxl_jax.train import loop
 from tests.data.fixtures import prepared_dataset
 
-STAGES = (autoencoder, base_256, base_512, base_1024, refiner, finetune)
+STAGES = (autoencoder, base_256, base_512, base_1024, refiner, finetune, lora)
 
 
 def shorten(c, data) -> None:
@@ -54,7 +54,10 @@ def test_tiny_variants_of_every_stage_run_in_curriculum_order(tmp_path):
         rows = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2]
         assert all(np.isfinite(r["train/loss"]) for r in rows), c.stage
-        if c.kind == "diffusion":
+        if c.get("lora") is not None:  # the adapters as kohya and diffusers/PEFT files
+            names = sorted(p.name for p in result.export.iterdir())
+            assert names == ["lora.safetensors", "pytorch_lora_weights.safetensors"]
+        elif c.kind == "diffusion":
             info = checkpoints.check_stage(result.export)  # a complete, loadable pipeline folder
             assert info.role == ("refiner" if c.stage == "refiner" else "base")
     # Rerunning a finished stage does nothing.
