@@ -45,6 +45,10 @@ class Models:
     vae: Path  # the checkpoint (folder or single file) the VAE is loaded from
     vae_config: Any
     tokenizers: Path | None  # tokenizer/ + tokenizer_2/ for single files
+    loras: tuple[Any, ...] = ()  # StageLoRA (sdxl_jax.inference.loras), checked
+
+    def loras_for(self, stage: str) -> list[Any]:
+        return [lo for lo in self.loras if lo.stage == stage]
 
     @property
     def factor(self) -> int:
@@ -58,19 +62,24 @@ def check_models(
     refiner: str | Path | None = None,
     vae: str | Path | None = None,
     tokenizers: str | Path | None = None,
+    loras: Sequence[tuple[str | Path, float]] = (),
+    lora_strict: bool = True,
 ) -> Models:
-    """Check a base (or, for img2img, a refiner) checkpoint, an optional refiner and VAE."""
+    """Check a base (or, for img2img, a refiner) checkpoint, an optional refiner and VAE, and
+    LoRA files ``(path, scale)`` (each read for the stage it fits)."""
     from sdxl_jax.inference import checkpoints
+    from sdxl_jax.inference import loras as loras_lib
 
     try:
         base = checkpoints.check_stage(checkpoint, need_vae=vae is None)
         ref = checkpoints.check_stage(refiner, need_vae=False) if refiner else None
         vae_config = checkpoints.check_vae(vae or checkpoint)
+        if ref is not None and ref.role != "refiner":
+            raise UsageError(f"--refiner {refiner} is an SDXL base, not a refiner")
+        checked = loras_lib.check(loras, base, ref, strict=lora_strict) if loras else []
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from e
-    if ref is not None and ref.role != "refiner":
-        raise UsageError(f"--refiner {refiner} is an SDXL base, not a refiner")
-    return Models(base, ref, Path(vae or checkpoint), vae_config, _path(tokenizers))
+    return Models(base, ref, Path(vae or checkpoint), vae_config, _path(tokenizers), tuple(checked))
 
 
 def _path(p: str | Path | None) -> Path | None:
@@ -274,14 +283,15 @@ class Generator:
         self.batch_size = runtime.padded(batch_size or n_dev, n_dev)
         self.progress = progress
 
-        def stage(info: StageInfo) -> runtime.StageRunner:
+        def stage(info: StageInfo, name: str) -> runtime.StageRunner:
             loaded = runtime.load_stage(
-                info, dtype=self.dtype, tokenizers=models.tokenizers, progress=progress
-            )
+                info, dtype=self.dtype, tokenizers=models.tokenizers, progress=progress,
+                loras=models.loras_for(name),
+            )  # fmt: skip
             return runtime.StageRunner(loaded, self.mesh)
 
-        self.base = stage(models.base)
-        self.refiner = stage(models.refiner) if models.refiner is not None else None
+        self.base = stage(models.base, "base")
+        self.refiner = stage(models.refiner, "refiner") if models.refiner is not None else None
         self.vae = runtime.load_vae(models.vae, self.mesh, progress=progress)
         self.vae.tile = vae_tile
         self.load_s = time.perf_counter() - t0
@@ -374,6 +384,8 @@ def generate(
     refiner: str | Path | None = None,
     vae: str | Path | None = None,
     tokenizers: str | Path | None = None,
+    loras: Sequence[tuple[str | Path, float]] = (),
+    lora_strict: bool = True,
     dtype: str = "auto",
     batch_size: int | None = None,
     progress: bool = False,
@@ -385,6 +397,9 @@ def generate(
     num_images, negative_prompt, init_image, strength, handoff, noise, original_size, crop).
     To generate several times with the same models, build a :class:`Generator` once.
     """
-    models = check_models(checkpoint, refiner=refiner, vae=vae, tokenizers=tokenizers)
+    models = check_models(
+        checkpoint, refiner=refiner, vae=vae, tokenizers=tokenizers, loras=loras,
+        lora_strict=lora_strict,
+    )  # fmt: skip
     request = make_request(models, prompts, **settings)
     return Generator(models, dtype=dtype, batch_size=batch_size, progress=progress)(request)

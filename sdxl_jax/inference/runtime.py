@@ -95,8 +95,10 @@ def load_stage(
     dtype: Any = jnp.float32,
     tokenizers: str | Path | None = None,
     progress: bool = False,
+    loras: Sequence[Any] = (),
 ) -> StageModels:
-    """Load the UNet and text encoders of a checked checkpoint (weights in ``dtype``)."""
+    """Load the UNet and text encoders of a checked checkpoint (weights in ``dtype``), with
+    ``loras`` (checked :class:`~sdxl_jax.inference.loras.StageLoRA`) merged in."""
     tok_root = Path(tokenizers) if tokenizers else info.path
     if info.fmt == "single-file" and tokenizers is None:
         raise ValueError(
@@ -105,6 +107,10 @@ def load_stage(
         )
     want = ["unet", "text_encoder_2"] + (["text_encoder"] if info.role == "base" else [])
     models = formats.load(info.path, want, dtype=dtype, param_dtype=dtype, progress=progress)
+    if loras:
+        from sdxl_jax.inference import loras as loras_lib
+
+        loras_lib.merge_into(models, loras)
     clip_l = models.get("text_encoder")
     text = conditioning.TextEncoders(
         clip_l=clip_l,

@@ -146,7 +146,8 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for key, spec in tensors.items():
-            arr = np.ascontiguousarray(spec.produce(), dtype=spec.dtype)
+            arr = np.asarray(spec.produce(), dtype=spec.dtype)
+            arr = np.ascontiguousarray(arr) if arr.ndim else arr  # a 0-d stays 0-d
             if tuple(arr.shape) != tuple(spec.shape):
                 raise ValueError(f"tensor {key!r}: produced {arr.shape}, declared {spec.shape}")
             f.write(arr.reshape(-1).view(np.uint8).data)  # raw bytes, no copy (bf16 too)
