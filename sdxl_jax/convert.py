@@ -3,6 +3,7 @@
 python -m sdxl_jax.convert inspect --preset sdxl_base  # exact parameter counts, no allocation
 python -m sdxl_jax.convert inspect PATH                    # what a checkpoint holds (headers only)
 python -m sdxl_jax.convert export PATH --to OUT --format diffusers|single-file [--dtype fp16]
+python -m sdxl_jax.convert merge-lora PATH --lora LORA[:SCALE] ... --to OUT [--format ...]
 """
 
 from __future__ import annotations
@@ -133,6 +134,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from sdxl_jax.inference import checkpoints
+    from sdxl_jax.inference import loras as loras_lib
+    from sdxl_jax.weights import formats
+
+    src, out = Path(args.path), Path(args.to)
+    if out.exists():
+        raise ValueError(f"--to {out} exists: give a new path (nothing is overwritten)")
+    info = checkpoints.check_stage(src, need_vae=False)
+    specs = [loras_lib.parse_spec(x) for x in args.lora]
+    # Every LoRA read and checked against the configs before any weights load.
+    checked = loras_lib.check(specs, info, strict=args.lora_strict)
+    t0 = time.perf_counter()
+    models = formats.load(src, progress=True)
+    loras_lib.merge_into(models, checked)
+    formats.save(models, out, args.format, copy_from=src, progress=True)
+    names = ", ".join(f"{lo.loaded.path.name} x {lo.scale:g}" for lo in checked)
+    print(f"merged {names} into {out} ({args.format}) in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m sdxl_jax.convert",
@@ -163,15 +186,30 @@ def main(argv: list[str] | None = None) -> int:
         "--max-shard-gb", default="10", help="diffusers shard size in GB (0: one file; default 10)"
     )
     pe.set_defaults(fn=cmd_export)
+    pm = sub.add_parser(
+        "merge-lora",
+        help="bake LoRAs into a checkpoint (diffusers folder or single file)",
+        description="Each LoRA (kohya or diffusers/PEFT file) is checked against the "
+        "checkpoint's configs, then W += scale * alpha / rank * up @ down for every layer it "
+        "adapts; the result samples as the base with --lora does.",
+    )
+    pm.add_argument("path", help="the base: a diffusers folder or a .safetensors single file")
+    pm.add_argument("--lora", action="append", required=True, metavar="PATH[:SCALE]",
+                    help="a LoRA file (repeat for several; scale default 1.0)")  # fmt: skip
+    pm.add_argument("--to", required=True, help="output folder (diffusers) or .safetensors file")
+    pm.add_argument("--format", default="diffusers", choices=["diffusers", "single-file"])
+    pm.add_argument("--lora-strict", action=argparse.BooleanOptionalAction, default=True,
+                    help="refuse LoRA keys that match no layer (default)")  # fmt: skip
+    pm.set_defaults(fn=cmd_merge_lora)
     args = p.parse_args(argv)
     if (
-        args.command == "export"
+        args.command in ("export", "merge-lora")
         and args.format == "single-file"
         and not args.to.endswith(".safetensors")
     ):
         p.error("--to must end in .safetensors for --format single-file")
     try:
-        if args.command == "export":
+        if args.command in ("export", "merge-lora"):
             workdir.local_only(args.to, "--to")
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:

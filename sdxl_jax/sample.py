@@ -55,6 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--refiner", help="refiner checkpoint; continues the base after --handoff")
     g.add_argument("--vae", help="a different VAE (diffusers folder or single file)")
     g.add_argument("--tokenizers", help="folder with tokenizer/ and tokenizer_2/ (single files)")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA to merge (repeat for several; scale default 1.0): kohya's "
+                   ".safetensors (sgm or diffusers block names) or diffusers/PEFT's "
+                   "pytorch_lora_weights.safetensors (file or folder); each goes to the stage "
+                   "(base or refiner) whose shapes it fits")  # fmt: skip
+    g.add_argument("--lora-strict", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse LoRA keys that match no layer (default); --no-lora-strict skips "
+                   "them and counts them in the manifest")  # fmt: skip
     g.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -212,9 +220,12 @@ def validate(args: argparse.Namespace) -> Job:
     spec = eval_spec(args, prompt_set)
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    from sdxl_jax.inference.loras import parse_spec
+
     models = check_models(
-        args.checkpoint, refiner=args.refiner, vae=args.vae, tokenizers=args.tokenizers
-    )
+        args.checkpoint, refiner=args.refiner, vae=args.vae, tokenizers=args.tokenizers,
+        loras=[parse_spec(x) for x in args.lora], lora_strict=args.lora_strict,
+    )  # fmt: skip
     image = None
     if args.init_image:
         if not Path(args.init_image).exists():
@@ -285,6 +296,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     params = lambda rec: {k: paths[k] if k in paths else rec[k] for k in RECORD_KEYS}  # noqa: E731
     settings = {k: val for k, val in vars(args).items() if k != "origin"}
+    settings["loras"] = [lo.describe() for lo in job.models.loras]
     if scorers is not None:
         return eval_run.evaluate_generation(
             gen, job.prompt_set, scorers, out=args.out, guidance=job.guidance,

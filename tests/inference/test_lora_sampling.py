@@ -173,3 +173,33 @@ def test_bad_loras_are_refused_before_sampling(tiny_sdxl, tmp_path):
         lora.attach(nnx.eval_shape(lambda: type(base_models["unet"])(
             base_models["unet"].config, rngs=nnx.Rngs(0))), lora.LoRAConfig(rank=10_000),
             nnx.Rngs(0))  # fmt: skip
+
+
+@pytest.mark.slow(seconds=60)
+def test_sample_cli_lora_equals_merge_lora_checkpoint(tiny_sdxl, tmp_path):
+    """``sample --lora F:S`` and ``convert merge-lora`` then ``sample`` give the same images
+    (the merge is the same arithmetic; the manifest records the LoRA)."""
+    import json
+
+    from sdxl_jax import convert, sample
+
+    base, _ = tiny_sdxl
+    models = loras_lib.abstract_models(checkpoints.check_stage(base))
+    path = lora_files.save(tmp_path / "l.safetensors", random_adapters(models, seed=2), models)
+    common = ["--prompt", PROMPTS[0], "--steps", "4", "--height", str(H), "--width", str(W),
+              "--sampler", "euler", "--no-grid"]  # fmt: skip
+    assert sample.main(["--checkpoint", str(base), "--lora", f"{path}:0.5", "--out",
+                        str(tmp_path / "a"), *common]) == 0  # fmt: skip
+    merged = tmp_path / "merged"
+    assert convert.main(["merge-lora", str(base), "--lora", f"{path}:0.5", "--to",
+                         str(merged)]) == 0  # fmt: skip
+    assert convert.main(["merge-lora", str(base), "--lora", str(path), "--to",
+                         str(merged)]) == 2  # an existing --to is refused  # fmt: skip
+    assert sample.main(["--checkpoint", str(merged), "--out", str(tmp_path / "b"), *common]) == 0
+    from PIL import Image
+
+    a = np.asarray(Image.open(tmp_path / "a" / "00000.png"), np.float32)
+    b = np.asarray(Image.open(tmp_path / "b" / "00000.png"), np.float32)
+    assert np.abs(a - b).mean() <= 0.5  # rounding of the saved fp32 weights only
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["settings"]["loras"][0]["scale"] == 0.5
