@@ -48,28 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    g = p.add_argument_group("models")
-    g.add_argument("--checkpoint", required=True,
-                   help="base: diffusers folder or .safetensors (gs://... is fetched to "
-                   "$SDXL_LOCAL_DIR first, like --refiner and --vae)")  # fmt: skip
-    g.add_argument("--refiner", help="refiner checkpoint; continues the base after --handoff")
-    g.add_argument("--vae", help="a different VAE (diffusers folder or single file)")
-    g.add_argument("--tokenizers", help="folder with tokenizer/ and tokenizer_2/ (single files)")
-    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="a LoRA to merge (repeat for several; scale default 1.0): kohya's "
-                   ".safetensors (sgm or diffusers block names) or diffusers/PEFT's "
-                   "pytorch_lora_weights.safetensors (file or folder); each goes to the stage "
-                   "(base or refiner) whose shapes it fits")  # fmt: skip
-    g.add_argument("--lora-strict", action=argparse.BooleanOptionalAction, default=True,
-                   help="refuse LoRA keys that match no layer (default); --no-lora-strict skips "
-                   "them and counts them in the manifest")  # fmt: skip
-    g.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="auto",
-        help="UNet and text encoder weights and compute (auto: bf16 on GPU/TPU, fp32 on CPU); "
-        "the VAE always runs in fp32",
-    )
+    _model_arguments(p)
     g = p.add_argument_group("prompts")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
@@ -125,6 +104,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     _eval_arguments(p)
     return p.parse_args(argv)
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--checkpoint", required=True,
+                   help="base: diffusers folder or .safetensors (gs://... is fetched to "
+                   "$SDXL_LOCAL_DIR first, like --refiner and --vae)")  # fmt: skip
+    g.add_argument("--refiner", help="refiner checkpoint; continues the base after --handoff")
+    g.add_argument("--vae", help="a different VAE (diffusers folder or single file)")
+    g.add_argument("--tokenizers", help="folder with tokenizer/ and tokenizer_2/ (single files)")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA to merge (repeat for several; scale default 1.0): kohya's "
+                   ".safetensors (sgm or diffusers block names) or diffusers/PEFT's "
+                   "pytorch_lora_weights.safetensors (file or folder); each goes to the stage "
+                   "(base or refiner) whose shapes it fits")  # fmt: skip
+    g.add_argument("--lora-strict", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse LoRA keys that match no layer (default); --no-lora-strict skips "
+                   "them and counts them in the manifest")  # fmt: skip
+    g.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="UNet and text encoder weights and compute (auto: bf16 on GPU/TPU, fp32 on CPU); "
+        "the VAE always runs in fp32",
+    )
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
