@@ -12,9 +12,10 @@ and the 72 original captions with the same initial noise (DDIM 30 steps, guidanc
 scored by the exact scorer: for blorp captions, the concept appears when the shape is purple
 (and the shape and position are right); for the original captions, all-three.
 
-With ``--class-prompts`` a second LoRA trains DreamBooth-style with prior preservation (the
-base's own samples of the 72 original captions as class images, loss weight 1) to show the
-drift it saves.
+``--prior`` adds images of the original captions to the LoRA's data, against the drift toward
+the new concept: ``base`` (DreamBooth's prior preservation: the base's own samples of the 72
+captions, generated once, loss weight 1), ``renders`` (regularisation images: renders of the
+72 captions, kohya's reg folder), ``none`` (default).
 """
 
 from __future__ import annotations
@@ -50,6 +51,40 @@ def concept_folder(out: Path, n: int, seed: int = 0) -> Path:
     return out
 
 
+def add_prior(folder: Path, kind: str, base: Path, per_caption: int = 2) -> None:
+    """Class / regularisation images of the original captions into the concept folder."""
+    if kind == "none":
+        return
+    old = original_captions()
+    if kind == "renders":
+        items = [(ex["image"], ex["caption"]) for ex in synthetic.examples(72 * per_caption, 7)]
+    else:
+        from sdxl_jax.inference import generate
+
+        images = generate.generate(
+            old, base, num_images=per_caption, steps=30, guidance=7.0, sampler="ddim",
+            height=64, width=64, seed=99, batch_size=48,
+        ).images  # fmt: skip
+        items = []
+        captions = [c for c in old for _ in range(per_caption)]
+        for image, caption in zip(images, captions, strict=True):
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            items.append((buf.getvalue(), caption))
+    for i, (png, caption) in enumerate(items):
+        (folder / f"prior_{i:04d}.png").write_bytes(png)
+        (folder / f"prior_{i:04d}.txt").write_text(caption)
+
+
+def original_captions() -> list[str]:
+    return [
+        synthetic.caption_for(c, s, p)
+        for c in synthetic.COLOURS
+        for s in synthetic.SHAPES
+        for p in synthetic.POSITIONS
+    ]
+
+
 def concept_score(images: np.ndarray, captions: list[str]) -> dict[str, float]:
     """Fraction of blorp samples with a purple shape; and with shape and position right too."""
     colour = shape_pos = 0
@@ -74,13 +109,36 @@ def sample(base: Path, lora: Path | None, captions: list[str], per_caption: int)
     return result.images
 
 
+def prepared(folder: Path, out: Path) -> Path:
+    """The concept folder as a dataset the trainer reads (the tiny stages' bucket set)."""
+    from sdxl_jax.data import prepare
+
+    if not (out / "sdxl_index.npz").exists():
+        args = [
+            "--source",
+            f"folder:{folder}",
+            "--out",
+            str(out),
+            "--bucket-sets",
+            "tiny_aspect_64",
+            "--min-side",
+            "16",
+            "--no-progress",
+            "--workers",
+            "1",
+        ]
+        prepare.main(args)
+    return out
+
+
 def train_lora(workdir: Path, data: Path, steps: int, stage: str) -> Path:
     from experiments import lora as lora_exp
     from sdxl_jax.train.loop import run_stage
 
     c = lora_exp.get_config("tiny")
     c.stage = stage
-    c.data.path = f"folder:{data}"
+    c.data.path = str(data)
+    c.data.global_batch_size = 8
     c.data.cache = "auto"
     c.optim.total_steps = steps
     c.log.sample_every_steps = 0
@@ -95,23 +153,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--per-caption", type=int, default=2)
+    ap.add_argument("--prior", choices=("none", "base", "renders"), default="none")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     base = args.workdir / "base_1024" / "export"
     if not base.exists():
         raise SystemExit(f"{base} is missing: train the tiny curriculum's base first")
-    data = concept_folder(args.workdir / "blorp_images", args.images)
+    tag = "" if args.prior == "none" else f"_{args.prior}"
+    folder = concept_folder(args.workdir / f"blorp_images{tag}", args.images)
+    add_prior(folder, args.prior, base)
+    data = prepared(folder, args.workdir / f"blorp_data{tag}")
     t = time.perf_counter()
-    lora = train_lora(args.workdir, data, args.steps, "lora_blorp")
+    lora = train_lora(args.workdir, data, args.steps, f"lora_blorp{tag}")
     train_s = time.perf_counter() - t
 
     new = [f"a {WORD} {s} in the {p}" for s in synthetic.SHAPES for p in synthetic.POSITIONS]
-    old = [
-        synthetic.caption_for(c, s, p)
-        for c in synthetic.COLOURS
-        for s in synthetic.SHAPES
-        for p in synthetic.POSITIONS
-    ]
+    old = original_captions()
     k = args.per_caption
     rows = {}
     for name, adapter in (("base", None), ("base + LoRA", lora)):
@@ -127,7 +184,7 @@ def main() -> None:
             },
         }
     report = {"train_s": round(train_s, 1), "steps": args.steps, "images": args.images,
-              "rows": rows}  # fmt: skip
+              "prior": args.prior, "rows": rows}  # fmt: skip
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

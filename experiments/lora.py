@@ -45,6 +45,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.lora = lora_group()
     c.data.bucket_set = "sdxl_1024"
     c.data.global_batch_size = 16
+    # LoRA datasets are small (tens of images per concept): a bucket with fewer images than a
+    # batch fills its batch by repeating them instead of being dropped.
+    c.data.remainder = "repeat"
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 100
     c.optim.total_steps = 2_000
