@@ -285,7 +285,7 @@ def test_loss_matches_hand_computation(models, cfg):
     a, s = np.sqrt(abar)[:, None, None, None], np.sqrt(1 - abar)[:, None, None, None]
     x0, eps = np.asarray(inputs.x0, np.float64), np.asarray(noise, np.float64)
     x_t = a * x0 + s * eps
-    pred = np.asarray(unet_forward(models["unet"])(jnp.asarray(x_t, jnp.float32), t, *inputs[1:]))
+    pred = np.asarray(unet_forward(models["unet"])(jnp.asarray(x_t, jnp.float32), t, *inputs[1:4]))
     if cfg.prediction_type == "epsilon":
         per = ((pred - eps) ** 2).mean(axis=(1, 2, 3))
     else:
@@ -305,7 +305,7 @@ def test_loss_of_a_batch_is_the_mean_of_its_halves(models):
     noise = step_lib.sample_noise(jax.random.PRNGKey(2), inputs.x0.shape)
     full, _ = fn(models["params"], inputs, t, noise)
     halves = [
-        fn(models["params"], Inputs(*(x[sl] for x in inputs)), t[sl], noise[sl])[0]
+        fn(models["params"], jax.tree.map(lambda x: x[sl], inputs), t[sl], noise[sl])[0]
         for sl in (slice(0, 2), slice(2, 4))
     ]
     assert float(full) == pytest.approx(float(np.mean(halves)), rel=1e-6)
@@ -447,7 +447,7 @@ def test_cached_and_online_modes_agree(models):
     prepare = jax.jit(functools.partial(step_lib.prepare, graphs=graphs, cfg=CFG))
     from_images, from_cache = prepare(online, models["frozen"], key), prepare(cached, None, key)
     np.testing.assert_allclose(from_images.x0, from_cache.x0, rtol=1e-5, atol=1e-6)
-    for a, b in zip(from_images[1:], from_cache[1:], strict=True):
+    for a, b in zip(from_images[1:4], from_cache[1:4], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     # The rest of the step is shared; the online step traces to the same state.
     step = functools.partial(step_lib.train_step, graphs=graphs, cfg=CFG, optimizer=OPTIMIZER)
