@@ -42,6 +42,11 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
             "num_workers": 8,
             "prefetch": 2,
             "cache": "",  # a folder from python -m sdxl_jax.data.cache, or "auto"
+            # kohya's caption options (online text only: cache ''): the chance a caption
+            # becomes "", and shuffling its comma-separated tags but the first keep_tags.
+            "caption_dropout": 0.0,
+            "shuffle_tags": False,
+            "keep_tags": 0,
         }
     )
     c.optim = ml_collections.ConfigDict(

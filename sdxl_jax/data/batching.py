@@ -22,7 +22,7 @@ INDEX_FILE = "sdxl_index.npz"
 REMAINDERS = ("drop", "repeat")
 
 # Domain tags keep the rng streams apart, e.g. (epoch 3, bucket 5) vs (step 3, position 5).
-_TAG_SHUFFLE, _TAG_ORDER, _TAG_CROP, _TAG_REPLACE = 0, 1, 2, 3
+_TAG_SHUFFLE, _TAG_ORDER, _TAG_CROP, _TAG_REPLACE, _TAG_CAPTION = 0, 1, 2, 3, 4
 
 
 # ----------------------------------------------------------------------------- epoch batches
@@ -93,12 +93,31 @@ def batch_summary(buckets: np.ndarray, global_batch: int, *, remainder: str = "d
 
 
 class BatchSchedule:
-    """Global step -> (bucket, record indices [global_batch]); epochs computed on demand."""
+    """Global step -> (bucket, record indices [global_batch]); epochs computed on demand.
 
-    def __init__(self, buckets: np.ndarray, global_batch: int, *, seed: int, remainder: str):
+    ``repeats[i]`` (default 1) is how often record i is used per epoch (kohya's ``N_name``
+    folders): each use is shuffled into its bucket's batches like a record of its own.
+    """
+
+    def __init__(
+        self,
+        buckets: np.ndarray,
+        global_batch: int,
+        *,
+        seed: int,
+        remainder: str,
+        repeats: np.ndarray | None = None,
+    ):
         self.buckets = np.asarray(buckets, np.int32)  # [N], -1: left out
         self.global_batch, self.seed, self.remainder = global_batch, seed, remainder
-        self.summary = batch_summary(self.buckets, global_batch, remainder=remainder)
+        self._uses = None  # use u of the epoch is record _uses[u]
+        if repeats is not None and np.any(np.asarray(repeats) != 1):
+            repeats = np.asarray(repeats, np.int64)
+            if repeats.shape != self.buckets.shape or repeats.min() < 0:
+                raise ValueError(f"repeats must be [{len(self.buckets)}] counts >= 0")
+            self._uses = np.repeat(np.arange(len(self.buckets), dtype=np.int32), repeats)
+        self._use_buckets = self.buckets if self._uses is None else self.buckets[self._uses]
+        self.summary = batch_summary(self._use_buckets, global_batch, remainder=remainder)
         self.steps_per_epoch = self.summary["steps_per_epoch"]
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -121,13 +140,16 @@ class BatchSchedule:
         epochs = self._epochs
         if epoch not in epochs:
             batches = epoch_batches(
-                self.buckets,
+                self._use_buckets,
                 self.global_batch,
                 seed=self.seed,
                 epoch=epoch,
                 remainder=self.remainder,
             )
-            entry = (np.array([b for b, _ in batches]), np.stack([ix for _, ix in batches]))
+            indices = np.stack([ix for _, ix in batches])
+            if self._uses is not None:
+                indices = self._uses[indices]
+            entry = (np.array([b for b, _ in batches]), indices)
             keep = {e: v for e, v in epochs.items() if e in (epoch - 1, epoch + 1)}
             self._epochs = epochs = {**keep, epoch: entry}
         return epochs[epoch]
@@ -226,10 +248,13 @@ def describe(
     bset = buckets_lib.bucket_set(bucket_set)
     index = load_index(path)
     b, excluded = record_buckets(index, bset, drop_small=drop_small)
-    summary = {**batch_summary(b, global_batch, remainder=remainder), "excluded": excluded}
+    uses = b if "repeats" not in index else np.repeat(b, index["repeats"])
+    summary = {**batch_summary(uses, global_batch, remainder=remainder), "excluded": excluded}
     text = format_summary(summary, bset)
     if show:
-        schedule = BatchSchedule(b, global_batch, seed=seed, remainder=remainder)
+        schedule = BatchSchedule(
+            b, global_batch, seed=seed, remainder=remainder, repeats=index.get("repeats")
+        )
         keys = index.get("key")
         summary["first_steps"] = []
         for step in range(show):

@@ -164,6 +164,8 @@ def _check(i: int, raw: RawRecord, opts: Options) -> dict[str, Any]:
         "caption": captions[0] if captions else "",
         "captions": captions,
         "buckets": ids,
+        "repeats": int(raw.repeats),
+        "loss_weight": float(raw.loss_weight),
         "flags": flags,
         "format": fmt if converted is None else "converted to png",
         "png": converted,  # bytes to store when converted, else None (re-read from the source)

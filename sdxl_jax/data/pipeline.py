@@ -33,6 +33,7 @@ import numpy as np
 from sdxl_jax.data import buckets as buckets_lib
 from sdxl_jax.data import images
 from sdxl_jax.data.batching import (
+    _TAG_CAPTION,
     _TAG_CROP,
     _TAG_REPLACE,
     INDEX_FILE,  # noqa: F401 (callers find the side index here)
@@ -64,6 +65,13 @@ class DataConfig:
     cache: a cache folder made by ``python -m sdxl_jax.data.cache`` for this dataset and bucket
       set: batches then carry the stored latents and text embeddings instead of images (one
       fixed crop per record; random_crop and flip do not apply).
+    caption_dropout: the probability that an example's caption is replaced by "" (kohya's
+      caption_dropout_rate; the empty caption is encoded, unlike the step's cond_dropout).
+    shuffle_tags: shuffle the comma-separated tags of each caption, keeping the first
+      ``keep_tags`` in place (kohya's shuffle_caption / keep_tokens); ``tag_separator``
+      splits them, and they are joined with ", ".
+    Caption dropout and tag shuffling change captions per step, so they need online text
+    encoding (no cache).
     """
 
     path: str = ""
@@ -79,6 +87,10 @@ class DataConfig:
     drop_small: bool = False
     image_dtype: str = "float32"
     cache: str = ""
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tags: int = 0
+    tag_separator: str = ","
 
     def __post_init__(self):
         if self.remainder not in REMAINDERS:
@@ -89,6 +101,28 @@ class DataConfig:
             raise ValueError("num_workers >= 0, prefetch >= 1 and read_threads >= 0 are needed")
         if self.image_dtype not in ("float32", "uint8"):
             raise ValueError(f"image_dtype={self.image_dtype!r}: use 'float32' or 'uint8'")
+        if not 0.0 <= self.caption_dropout <= 1.0 or self.keep_tags < 0 or not self.tag_separator:
+            raise ValueError(
+                f"caption_dropout={self.caption_dropout} must be in [0, 1], keep_tags="
+                f"{self.keep_tags} >= 0 and tag_separator non-empty"
+            )
+        if self.cache and (self.caption_dropout > 0 or self.shuffle_tags):
+            raise ValueError(
+                "data.caption_dropout and data.shuffle_tags change each step's captions, but "
+                f"data.cache={self.cache!r} holds text embeddings encoded once: set "
+                "data.cache='' (encode online) or turn them off"
+            )
+
+
+def process_caption(caption: str, cfg: DataConfig, rng: np.random.Generator) -> str:
+    """Caption dropout, then tag shuffling (kohya's order): see ``DataConfig``."""
+    if cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout:
+        return ""
+    if not cfg.shuffle_tags:
+        return caption
+    tags = [t.strip() for t in caption.strip().split(cfg.tag_separator)]
+    keep, rest = tags[: cfg.keep_tags], tags[cfg.keep_tags :]
+    return ", ".join(keep + [rest[i] for i in rng.permutation(len(rest))])
 
 
 # ----------------------------------------------------------------------------- examples
@@ -98,10 +132,17 @@ class _ExampleLoader:
     """Element k of the host's stream -> one decoded, cropped example (runs in Grain workers)."""
 
     def __init__(
-        self, source, schedule: BatchSchedule, sizes, cfg: DataConfig, offset: int, local_batch: int
+        self,
+        source,
+        schedule: BatchSchedule,
+        sizes,
+        cfg: DataConfig,
+        offset: int,
+        local_batch: int,
+        loss_weight: np.ndarray | None = None,
     ):
         self.source, self.schedule, self.sizes, self.cfg = source, schedule, sizes, cfg
-        self.offset, self.local_batch = offset, local_batch
+        self.offset, self.local_batch, self.loss_weight = offset, local_batch, loss_weight
         self._members: dict[int, np.ndarray] = {}
 
     def _replacement(self, bucket: int, step: int, position: int, attempt: int) -> int:
@@ -115,8 +156,10 @@ class _ExampleLoader:
         position = self.offset + j  # in the global batch: independent of the host count
         bucket, indices = self.schedule.at(step)
         index, replaced = int(indices[position]), False
+        weight = np.float32(1.0 if self.loss_weight is None else self.loss_weight[index])
         if self.cfg.cache:  # latents and embeddings, encoded once (sdxl_jax.data.cache)
-            return {**self.source[index], "index": index, "replaced": False, "step": step}
+            return {**self.source[index], "index": index, "replaced": False, "step": step,
+                    "loss_weight": weight}  # fmt: skip
         for attempt in range(MAX_REPLACEMENTS + 1):
             try:
                 record = self.source[index]
@@ -146,15 +189,20 @@ class _ExampleLoader:
         if self.cfg.image_dtype == "float32":
             pixels = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
         caption = record["caption"]
+        caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+        if self.cfg.caption_dropout > 0 or self.cfg.shuffle_tags:
+            rng = np.random.default_rng((self.cfg.seed, _TAG_CAPTION, step, position))
+            caption = process_caption(caption, self.cfg, rng)
         return {
             "image": pixels,
-            "caption": caption.decode("utf-8") if isinstance(caption, bytes) else str(caption),
+            "caption": caption,
             "original_size": np.asarray(size, np.int32),
             "crop_coords_top_left": np.asarray(crop.crop_coords_top_left, np.int32),
             "target_size": np.asarray(crop.target_size, np.int32),
             "bucket": bucket,
             "index": index,
             "replaced": replaced,
+            "loss_weight": weight,
             "step": step,
         }
 
@@ -175,6 +223,7 @@ def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "bucket": stack("bucket", np.int32),  # [B_local]
         "index": stack("index", np.int32),  # [B_local] record indices
         "replaced": stack("replaced", bool),  # [B_local] failed to decode, replaced
+        "loss_weight": stack("loss_weight", np.float32),  # [B_local] (prior preservation)
         "step": int(first["step"]),
     }
 
@@ -200,7 +249,8 @@ class DataIterator(Iterator[dict[str, Any]]):
 
     Batches: "image" [B_local, h, w, 3] (float32 in [-1, 1] or uint8), "caption" [B_local] str,
     "original_size" / "crop_coords_top_left" / "target_size" int32 [B_local, 2] (h, w order),
-    "bucket" / "index" int32 [B_local], "replaced" bool [B_local], "step" int.
+    "bucket" / "index" int32 [B_local], "replaced" bool [B_local], "loss_weight" float32
+    [B_local] (the records' weights: 1 but for prior-preservation images), "step" int.
     """
 
     def __init__(
@@ -233,8 +283,13 @@ class DataIterator(Iterator[dict[str, Any]]):
                 "they come from different prepare runs; re-run prepare into an empty directory"
             )
         self.schedule = BatchSchedule(
-            record_b, cfg.global_batch_size, seed=cfg.seed, remainder=cfg.remainder
+            record_b,
+            cfg.global_batch_size,
+            seed=cfg.seed,
+            remainder=cfg.remainder,
+            repeats=index.get("repeats"),
         )
+        self.loss_weight = index.get("loss_weight")
         self.summary = {**self.schedule.summary, "excluded": excluded}
         self.steps_per_epoch = self.schedule.steps_per_epoch
         self.num_replaced = 0
@@ -251,7 +306,13 @@ class DataIterator(Iterator[dict[str, Any]]):
     def _pipeline(self) -> grain.IterDataset:
         local = self._rows.stop - self._rows.start
         loader = _ExampleLoader(
-            self.source, self.schedule, self.bucket_set.sizes, self.cfg, self._rows.start, local
+            self.source,
+            self.schedule,
+            self.bucket_set.sizes,
+            self.cfg,
+            self._rows.start,
+            local,
+            self.loss_weight,
         )
         stop = (sys.maxsize // local) * local
         ds = grain.MapDataset.range(self.step * local, stop).map(loader)

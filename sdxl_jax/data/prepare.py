@@ -21,7 +21,8 @@ ArrayRecord shards, disable_shuffling: record i is the i-th kept source record) 
   captions  all non-empty captions of the record (a Sequence(Text); one for most sources)
   height, width  int32, after EXIF orientation;  key  the source's id for the record
 and beside it
-  sdxl_index.npz  "key" [N] str, "height"/"width" [N] int32, "source_index" [N] int64, and per
+  sdxl_index.npz  "key" [N] str, "height"/"width" [N] int32, "source_index" [N] int64,
+                  "repeats" [N] int32 (uses per epoch), "loss_weight" [N] float32, and per
                   bucket set S "bucket_S" [N] int16 (-1: aspect out of S's range); aligned with
                   the records, so batches are planned without reading an image
   prepare_report.json  totals, skips per reason (with examples), counted conditions, caption
@@ -78,7 +79,7 @@ from sdxl_jax.data.checks import (
     token_counter,
 )
 from sdxl_jax.data.readers import IMAGE_EXTENSIONS, Source, SourceError
-from sdxl_jax.data.sources import open_source
+from sdxl_jax.data.sources import open_sources
 
 DATASET_NAME = "sdxl_prepared"
 REPORT_FILE = "prepare_report.json"
@@ -261,6 +262,8 @@ def _save_index(build: Path, written: list[dict[str, Any]], opts: Options) -> di
         "height": np.asarray([e["height"] for e in written], np.int32).reshape(n),
         "width": np.asarray([e["width"] for e in written], np.int32).reshape(n),
         "source_index": np.asarray([e["i"] for e in written], np.int64).reshape(n),
+        "repeats": np.asarray([e.get("repeats", 1) for e in written], np.int32).reshape(n),
+        "loss_weight": np.float32([e.get("loss_weight", 1.0) for e in written]).reshape(n),
     }
     ids = np.asarray([e["buckets"] for e in written], np.int16).reshape(n, len(opts.bucket_sets))
     for j, name in enumerate(opts.bucket_sets):
@@ -324,7 +327,7 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def prepare(
-    source: str,
+    source: str | Sequence[str],
     out: str | Path,
     *,
     bucket_sets: Sequence[str] = DEFAULT_BUCKET_SETS,
@@ -341,7 +344,8 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Build the dataset at ``out`` from ``source`` (KIND:LOCATION); returns the report.
+    """Build the dataset at ``out`` from ``source`` (KIND:LOCATION, or a list of them: one
+    dataset of their records in turn); returns the report.
 
     See the module docstring for what is stored and which records are skipped.
     """
@@ -356,7 +360,7 @@ def prepare(
         chunk_size,
     )
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    src = open_source(source)
+    src = open_sources(source)
     if len(src) == 0:
         raise SourceError(f"{src.spec} lists no records (image extensions: {IMAGE_EXTENSIONS})")
     n = len(src) if max_examples is None else min(len(src), max_examples)
@@ -508,7 +512,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument
     # fmt: off
-    a("--source", required=True, metavar="KIND:LOCATION", help="what to read (see above)")
+    a("--source", required=True, action="append", metavar="KIND:LOCATION",
+      help="what to read (see above); repeat it for several sources in one dataset (a "
+      "concept folder and its regularisation folder)")
     a("--out", required=True, metavar="DIR",
       help="the dataset folder to write (new or empty); gs://BUCKET/PATH builds in "
       "$SDXL_LOCAL_DIR and uploads the finished dataset")

@@ -7,6 +7,10 @@ picklable (lists of paths / offsets), and file handles are opened lazily per pro
   folder:DIR                      images under DIR (recursive, sorted by relative path), each with
                                   a same-named caption file (a.jpg + a.txt; ?caption_ext=.caption
                                   for another extension); key: the relative path.
+                                  ?layout=kohya: kohya's DreamBooth folders DIR/N_tokens/ (N
+                                  repeats per epoch; caption file, else the folder's tokens).
+                                  ?loss_weight=W: every record's loss weight (a class /
+                                  regularisation folder's prior-preservation weight).
   jsonl:FILE | csv:FILE | parquet:FILE
                                   a manifest, one row per image. Options: image=COL (default: the
                                   first of image, file_name, path, image_path, filename, file),
@@ -27,16 +31,24 @@ picklable (lists of paths / offsets), and file handles are opened lazily per pro
                                   (image), caption (the first of caption, captions/text, captions,
                                   text; "/" walks nested features), key (default "SPLIT/i").
   synthetic:N[?seed=S]            N examples of sdxl_jax.data.synthetic (default seed 0).
+
+Several sources (``--source`` repeated) make one dataset: their records in turn, keys prefixed
+with the source's number ("0/", "1/", ...) so equal names in two folders stay apart.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Sequence
 from urllib.parse import parse_qsl
+
+import numpy as np
 
 from sdxl_jax.data.readers import (
     FolderSource,
     ManifestSource,
+    RawRecord,
     Source,
     SourceError,
     SyntheticSource,
@@ -48,7 +60,7 @@ from sdxl_jax.data.readers import (
 KINDS = ("folder", "jsonl", "csv", "parquet", "webdataset", "tfds", "synthetic")
 _QUERY = re.compile(r"\w+=[^&]*(&\w+=[^&]*)*")
 _OPTIONS = {
-    "folder": ("caption_ext",),
+    "folder": ("caption_ext", "layout", "loss_weight"),
     "jsonl": ("image", "caption", "key", "root"),
     "csv": ("image", "caption", "key", "root"),
     "parquet": ("image", "caption", "key", "root"),
@@ -92,6 +104,38 @@ def open_source(spec: str) -> Source:
         "synthetic": SyntheticSource,
     }[kind]
     return cls(kind, location, options)
+
+
+class MultiSource(Source):
+    """Several sources as one: their records in turn, keys prefixed with the source number."""
+
+    def __init__(self, parts: list[Source]):
+        super().__init__("multi", " + ".join(p.spec for p in parts), {})
+        self.spec = self.location
+        self.options = {"sources": [[p.spec, p.options] for p in parts]}
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def fingerprint(self) -> str:
+        return "+".join(p.fingerprint() for p in self.parts)
+
+    def load(self, i: int) -> RawRecord:
+        j = int(np.searchsorted(self.starts, i, side="right")) - 1
+        raw = self.parts[j].load(i - int(self.starts[j]))
+        return dataclasses.replace(raw, key=f"{j}/{raw.key}")
+
+
+def open_sources(specs: str | Sequence[str]) -> Source:
+    """One source, or several as one (``MultiSource``), from their specs."""
+    if isinstance(specs, str):
+        return open_source(specs)
+    if not specs:
+        raise SourceError("no --source given: name at least one KIND:LOCATION")
+    parts = [open_source(spec) for spec in specs]
+    return parts[0] if len(parts) == 1 else MultiSource(parts)
 
 
 def parse_synthetic(spec: str) -> tuple[int, int]:

@@ -154,6 +154,22 @@ def lora_problems(config: Any) -> list[str]:
     return problems
 
 
+def caption_problems(data: Any) -> list[str]:
+    """kohya's caption options: in range, and only with online text encoding."""
+    problems = []
+    dropout, shuffle = data.get("caption_dropout", 0.0), data.get("shuffle_tags", False)
+    if not 0 <= dropout <= 1:
+        problems.append(f"data.caption_dropout {dropout}: need a probability in [0, 1]")
+    if data.get("keep_tags", 0) < 0:
+        problems.append(f"data.keep_tags {data.keep_tags}: need >= 0")
+    if (dropout > 0 or shuffle) and data.get("cache", ""):
+        problems.append(
+            f"data.caption_dropout / data.shuffle_tags change captions every step, but "
+            f"data.cache={data.cache!r} encodes them once: set data.cache='' (online text)"
+        )
+    return problems
+
+
 def validate(config: Any, n_devices: int) -> None:
     """Raise ValueError listing every problem of ``config`` (an ml_collections ConfigDict)."""
     problems = []
@@ -193,7 +209,7 @@ def validate(config: Any, n_devices: int) -> None:
         problems.append(f"step.cond_dropout {s.cond_dropout}: need 0 <= p < 1")
     if config.optim.warmup_steps > config.optim.total_steps:
         problems.append("optim.warmup_steps exceeds optim.total_steps")
-    problems += lora_problems(config)
+    problems += lora_problems(config) + caption_problems(config.data)
     if problems:
         raise ValueError(
             f"config for stage {config.stage!r} cannot run:\n- " + "\n- ".join(problems)

@@ -246,13 +246,15 @@ class DiffusionTask:
     def _batch_keys(self) -> tuple[str, ...]:
         sizes = ARRAY_KEYS if not self.refiner else ARRAY_KEYS[:2]
         if self.cached:
-            return (*CACHE_KEYS, *sizes)
+            return (*CACHE_KEYS, *sizes, "loss_weight")
         ids = ("ids_g",) if self.refiner else ("ids_l", "ids_g")
-        return ("image", *ids, *sizes)
+        return ("image", *ids, *sizes, "loss_weight")
 
     def host_arrays(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The arrays the step reads from a host batch (captions tokenized here)."""
         out = {k: batch[k] for k in self.batch_keys if k in batch}
+        if "loss_weight" not in out:  # a source without weights: all 1
+            out["loss_weight"] = np.ones(len(batch[self.batch_keys[0]]), np.float32)
         if not self.cached:
             out.update(self.text.tokenize(list(batch["caption"])))
         missing = [k for k in self.batch_keys if k not in out]

@@ -135,6 +135,7 @@ class Inputs(NamedTuple):
     time_ids: jax.Array  # [B, 6] base, [B, 5] refiner
     ids: dict[str, jax.Array] | None = None
     drop: jax.Array | None = None  # [B] bool
+    weight: jax.Array | None = None  # [B] per-example loss weights (prior preservation)
 
 
 def split_models(
@@ -332,7 +333,10 @@ def loss_fn(
     per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))  # [B]
     if cfg.min_snr_gamma is not None:
         per_example = per_example * snr_weight(abar, cfg.min_snr_gamma, cfg.prediction_type)
-    return jnp.mean(per_example), {"per_example": per_example}
+    if inputs.weight is None:
+        return jnp.mean(per_example), {"per_example": per_example}
+    # kohya's loss weights: the batch mean of weight x loss (a class image counts w times).
+    return jnp.mean(per_example * inputs.weight), {"per_example": per_example}
 
 
 # -- inputs ------------------------------------------------------------------------------
@@ -385,6 +389,8 @@ def prepare(
         raise ValueError(f"the batch has neither latent_mean nor image (keys: {sorted(batch)})")
 
     drop = jax.random.bernoulli(k_drop, cfg.cond_dropout, (x0.shape[0],))
+    weight = batch.get("loss_weight")
+    weight = None if weight is None else weight.astype(jnp.float32)
     if graphs.text_lora:  # encoded in the loss, through the trained adapters
         if "ids_g" not in batch:
             raise ValueError(
@@ -392,7 +398,7 @@ def prepare(
                 f"{sorted(batch)}; train without a text cache (data.cache='')"
             )
         ids = {k: batch[k] for k in ("ids_l", "ids_g") if k in batch}
-        return Inputs(x0, None, None, time_ids(batch, cfg), ids=ids, drop=drop)
+        return Inputs(x0, None, None, time_ids(batch, cfg), ids=ids, drop=drop, weight=weight)
     if "context" in batch:
         context = batch["context"].astype(jnp.float32)
         pooled = batch["pooled"].astype(jnp.float32)
@@ -408,7 +414,7 @@ def prepare(
     else:
         raise ValueError(f"the batch has neither context nor ids_g (keys: {sorted(batch)})")
     context, pooled = text_inputs(context, pooled, drop, graphs, cfg)
-    return Inputs(x0, context, pooled, time_ids(batch, cfg))
+    return Inputs(x0, context, pooled, time_ids(batch, cfg), weight=weight)
 
 
 # -- the step ------------------------------------------------------------------------------

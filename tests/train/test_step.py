@@ -305,10 +305,27 @@ def test_loss_of_a_batch_is_the_mean_of_its_halves(models):
     noise = step_lib.sample_noise(jax.random.PRNGKey(2), inputs.x0.shape)
     full, _ = fn(models["params"], inputs, t, noise)
     halves = [
-        fn(models["params"], jax.tree.map(lambda x: x[sl], inputs), t[sl], noise[sl])[0]
+        fn(models["params"], jax.tree.map(lambda x, sl=sl: x[sl], inputs), t[sl], noise[sl])[0]
         for sl in (slice(0, 2), slice(2, 4))
     ]
     assert float(full) == pytest.approx(float(np.mean(halves)), rel=1e-6)
+
+
+def test_loss_weights_weigh_each_example(models):
+    # kohya's prior-preservation weights: loss = mean(w_i * l_i), l_i the unweighted losses;
+    # prepare takes them from the batch's loss_weight.
+    inputs, fn = random_inputs(1), jitted_loss(models["graphs"], CFG)
+    t = jnp.array([3, 300, 600, 900], jnp.int32)
+    noise = step_lib.sample_noise(jax.random.PRNGKey(2), inputs.x0.shape)
+    plain, aux = fn(models["params"], inputs, t, noise)
+    w = np.float32([1.0, 0.0, 2.5, 0.25])
+    weighted, aux_w = fn(models["params"], inputs._replace(weight=jnp.asarray(w)), t, noise)
+    np.testing.assert_allclose(aux_w["per_example"], aux["per_example"], rtol=1e-6)
+    assert float(weighted) == pytest.approx(float(np.mean(w * aux["per_example"])), rel=1e-6)
+    assert float(plain) == pytest.approx(float(np.mean(aux["per_example"])), rel=1e-6)
+    batch = {**cached_batch(0), "loss_weight": w}
+    got = step_lib.prepare(batch, None, jax.random.PRNGKey(0), graphs=models["graphs"], cfg=CFG)
+    np.testing.assert_array_equal(got.weight, w)
 
 
 def test_gradient_accumulation_equals_the_averaged_gradient():
