@@ -133,7 +133,8 @@ class FolderSource(Source):
     DIR's subfolders named ``N_class tokens`` (``10_sks dog``), each used N times per epoch,
     captioned by its caption file or else by the folder's class tokens; other subfolders are
     left out. ``?loss_weight=W`` weights every record's loss (a regularisation folder's
-    prior-preservation weight).
+    prior-preservation weight); ``?repeats=N`` uses every record N times per epoch (times its
+    kohya folder's N); ``?caption=TEXT`` captions images that have no caption file.
     """
 
     def __init__(self, kind: str, location: str, options: dict[str, str]):
@@ -143,6 +144,10 @@ class FolderSource(Source):
             raise SourceError(f"folder source {location!r} is not a directory")
         self.caption_ext = options.get("caption_ext", ".txt")
         self.loss_weight = _positive(options, "loss_weight", 1.0)
+        self.repeats = int(_positive(options, "repeats", 1))
+        if self.repeats != _positive(options, "repeats", 1) or self.repeats < 1:
+            raise SourceError(f"?repeats={options['repeats']!r}: give a whole number >= 1")
+        self.caption = options.get("caption")
         layout = options.get("layout", "flat")
         if layout not in ("flat", "kohya"):
             raise SourceError(f"folder ?layout={layout!r}: use flat (default) or kohya")
@@ -184,14 +189,14 @@ class FolderSource(Source):
         rel = self.files[i]
         data = _read_file(self.root / rel)
         caption_path = (self.root / rel).with_suffix(self.caption_ext)
-        repeats, tokens = self.folders.get(rel.partition("/")[0], (1, None))
+        repeats, tokens = self.folders.get(rel.partition("/")[0], (1, self.caption))
         try:
             captions = [_text(caption_path.read_bytes())]
         except FileNotFoundError:
             captions = None if tokens is None else [tokens]
         except OSError as e:
             raise RecordError("read_error", f"{caption_path}: {e}") from None
-        return RawRecord(rel, data, captions, repeats, self.loss_weight)
+        return RawRecord(rel, data, captions, repeats * self.repeats, self.loss_weight)
 
 
 def _is_image(name: str) -> bool:
@@ -590,16 +595,28 @@ class SyntheticSource(Source):
         super().__init__(kind, location, options)
         self.n, self.seed = synthetic_size(location, options)
         self.spec = f"synthetic:{self.n}?seed={self.seed}"
+        self.colours = tuple(c for c in options.get("colour", "").split(",") if c)
+        self.word = options.get("word") or None
+        from sdxl_jax.data import synthetic
+
+        bad = [c for c in self.colours if c not in synthetic.COLOURS]
+        if bad:
+            raise SourceError(f"synthetic ?colour={bad[0]!r}: choose from {tuple(synthetic.COLOURS)}")
+        if self.word is not None and not re.fullmatch(r"[a-z]+", self.word):
+            raise SourceError(f"synthetic ?word={self.word!r}: one lower-case word (a-z)")
+        if self.colours or self.word:
+            self.spec += f"&colour={','.join(self.colours)}&word={self.word or ''}"
 
     def __len__(self) -> int:
         return self.n
 
     def fingerprint(self) -> str:
-        return f"{self.n}:{self.seed}"
+        return f"{self.n}:{self.seed}:{','.join(self.colours)}:{self.word or ''}"
 
     def load(self, i: int) -> RawRecord:
         from sdxl_jax.data import synthetic
 
         # Example i depends only on (i, seed), so any process can make any record.
-        example = next(synthetic.examples(1, seed=self.seed, start=i))
+        options = {"colours": self.colours, "word": self.word}
+        example = next(synthetic.examples(1, seed=self.seed, start=i, **options))
         return RawRecord(example["key"], example["image"], [example["caption"]])

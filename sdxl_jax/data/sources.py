@@ -11,6 +11,8 @@ picklable (lists of paths / offsets), and file handles are opened lazily per pro
                                   repeats per epoch; caption file, else the folder's tokens).
                                   ?loss_weight=W: every record's loss weight (a class /
                                   regularisation folder's prior-preservation weight).
+                                  ?repeats=N: uses per epoch; ?caption=TEXT: the caption of
+                                  images without a caption file.
   jsonl:FILE | csv:FILE | parquet:FILE
                                   a manifest, one row per image. Options: image=COL (default: the
                                   first of image, file_name, path, image_path, filename, file),
@@ -31,6 +33,8 @@ picklable (lists of paths / offsets), and file handles are opened lazily per pro
                                   (image), caption (the first of caption, captions/text, captions,
                                   text; "/" walks nested features), key (default "SPLIT/i").
   synthetic:N[?seed=S]            N examples of sdxl_jax.data.synthetic (default seed 0).
+                                  ?colour=C[,C2]: only these colours; ?word=W: captions name
+                                  the colour W instead (a new word to teach: DreamBooth).
 
 Several sources (``--source`` repeated) make one dataset: their records in turn, keys prefixed
 with the source's number ("0/", "1/", ...) so equal names in two folders stay apart.
@@ -60,13 +64,13 @@ from sdxl_jax.data.readers import (
 KINDS = ("folder", "jsonl", "csv", "parquet", "webdataset", "tfds", "synthetic")
 _QUERY = re.compile(r"\w+=[^&]*(&\w+=[^&]*)*")
 _OPTIONS = {
-    "folder": ("caption_ext", "layout", "loss_weight"),
+    "folder": ("caption_ext", "layout", "loss_weight", "repeats", "caption"),
     "jsonl": ("image", "caption", "key", "root"),
     "csv": ("image", "caption", "key", "root"),
     "parquet": ("image", "caption", "key", "root"),
     "webdataset": ("caption",),
     "tfds": ("split", "image", "caption", "key", "data_dir"),
-    "synthetic": ("seed",),
+    "synthetic": ("seed", "colour", "word"),
 }
 
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -264,9 +264,10 @@ def render(
 # ----------------------------------------------------------------------------- dataset
 
 
-def _combination(index: int, seed: int) -> tuple[str, str, str]:
-    """Every consecutive block of 72 indices holds each (colour, shape, position) once."""
-    combos = [(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
+def _combination(index: int, seed: int, colours: Sequence[str] = ()) -> tuple[str, str, str]:
+    """Every consecutive block of 72 indices holds each (colour, shape, position) once (of
+    ``colours`` only, when given: blocks of 12 per colour)."""
+    combos = [(c, s, p) for c in colours or COLOURS for s in SHAPES for p in POSITIONS]
     block, offset = divmod(index, len(combos))
     order = np.random.default_rng((seed, 0, block)).permutation(len(combos))
     return combos[order[offset]]
@@ -295,15 +296,24 @@ def example(
     max_side: int = 160,
     max_aspect: float = MAX_ASPECT,
     square_fraction: float = 0.2,
+    colours: Sequence[str] = (),
+    word: str | None = None,
 ) -> dict:
-    """Example ``index`` of ``examples``: a pure function of (index, seed) and the options."""
+    """Example ``index`` of ``examples``: a pure function of (index, seed) and the options.
+
+    ``colours``: draw only these colours; ``word``: caption the colour with this word instead
+    ("a blorp circle in the top left" for a purple one: a concept to teach a trained model).
+    """
+    for c in colours:
+        if c not in COLOURS:
+            raise ValueError(f"colour {c!r}: choose from {tuple(COLOURS)}")
     if not 8 <= min_side <= max_side:
         raise ValueError(f"need 8 <= min_side <= max_side, got {min_side}, {max_side}")
     if not 1.0 <= max_aspect <= 2.5:
         raise ValueError(
             f"max_aspect {max_aspect} must be in [1, 2.5] (the placement rule's range)"
         )
-    colour, shape, position = _combination(index, seed)
+    colour, shape, position = _combination(index, seed, colours)
     rng = np.random.default_rng((seed, 1, index))
     height, width = _size(rng, min_side, max_side, max_aspect, square_fraction)
     image = render(colour, shape, position, height, width, rng=rng)
@@ -312,7 +322,8 @@ def example(
     return {
         "key": f"synthetic-{seed}-{index:07d}",
         "image": buf.getvalue(),
-        "caption": caption_for(colour, shape, position),
+        "caption": caption_for(colour, shape, position) if word is None
+        else f"a {word} {shape} in the {position}",
         "height": height,
         "width": width,
     }

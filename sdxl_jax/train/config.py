@@ -24,6 +24,7 @@ from sdxl_jax.models.lora import GROUPS as LORA_GROUPS
 from sdxl_jax.models.lora import LoRAConfig
 from sdxl_jax.models.unet import UNetConfig
 from sdxl_jax.models.vae import VAEConfig
+from sdxl_jax.train import dreambooth
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -210,6 +211,7 @@ def validate(config: Any, n_devices: int) -> None:
     if config.optim.warmup_steps > config.optim.total_steps:
         problems.append("optim.warmup_steps exceeds optim.total_steps")
     problems += lora_problems(config) + caption_problems(config.data)
+    problems += dreambooth.problems(config)
     if problems:
         raise ValueError(
             f"config for stage {config.stage!r} cannot run:\n- " + "\n- ".join(problems)

@@ -65,23 +65,34 @@ def make_task(config: Any, mesh: jax.sharding.Mesh, workdir: Path) -> Any:
 
 
 def check_data(config: Any) -> None:
-    if not config.data.path:
+    if not config.data.path and config.get("dreambooth") is None:
         raise ValueError(
             "data.path is empty: prepare a dataset with `python -m sdxl_jax.data.prepare "
             "--source KIND:LOCATION --out DIR` and pass --config.data.path=DIR"
         )
 
 
-def resolve_data(config: Any, workdir: Path) -> str:
-    """``data.path``: a prepared dataset, or ``synthetic:N``, prepared once into the workdir."""
+def resolve_data(config: Any, workdir: Path, say: Callable[..., None] = print) -> str:
+    """``data.path``: a prepared dataset, or ``synthetic:N``, prepared once into the workdir; a
+    DreamBooth stage's dataset (class images generated first: ``sdxl_jax.train.dreambooth``)."""
     path = config.data.path
     check_data(config)
+    if config.get("dreambooth") is not None:
+        from sdxl_jax.train import dreambooth
+        from sdxl_jax.train.diffusion_task import resolve, stage_export
+
+        init = stage_export(config.init_from, workdir) or resolve(config.init_from, workdir)
+        return dreambooth.prepare_data(config, workdir, init, say)
     if not path.startswith("synthetic:"):
         return path
-    from sdxl_jax.data.sources import parse_synthetic
+    from sdxl_jax.data.sources import parse_spec, parse_synthetic
 
     n, seed = parse_synthetic(path)
-    out = Path(workdir) / "data" / (f"synthetic_{n}" if seed == 0 else f"synthetic_{n}_seed{seed}")
+    name = f"synthetic_{n}" if seed == 0 else f"synthetic_{n}_seed{seed}"
+    options = parse_spec(path)[2]
+    for key in ("colour", "word"):  # a concept's images (DreamBooth, LoRA)
+        name += f"_{options[key].replace(',', '_')}" if options.get(key) else ""
+    out = Path(workdir) / "data" / name
 
     def build() -> None:
         from sdxl_jax.data import prepare
@@ -196,7 +207,7 @@ def _run(
     _prepare_stage_dir(config, wd)
 
     # -- data -------------------------------------------------------------------------------
-    data = resolve_data(config, workdir)
+    data = resolve_data(config, workdir, say)
     dcfg = data_config(config, data, resolve_cache(config, workdir, data))
 
     # -- model ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Every stage config's tiny variant runs, in curriculum order, each starting from the previous
-stage's result: autoencoder -> base_256 -> base_512 -> base_1024 -> refiner, and finetune and lora.
+stage's result: autoencoder -> base_256 -> base_512 -> base_1024 -> refiner, and finetune, lora
+and dreambooth.
 
 A few steps each on a small synthetic dataset; what is checked is that each stage trains (finite
 losses, its checkpoint, final EMA and export exist) and hands its weights on. Numerical
@@ -13,12 +14,23 @@ import json
 import numpy as np
 import pytest
 
-from experiments import autoencoder, base_256, base_512, base_1024, finetune, lora, refiner
-from sdxl_jax.inference import checkpoints
+from experiments import (
+    autoencoder,
+    base_256,
+    base_512,
+    base_1024,
+    dreambooth,
+    finetune,
+    lora,
+    refiner,
+)
+from sdxl_jax.data import batching, images
+from sdxl_jax.inference import checkpoints, generate
+from sdxl_jax.train import dreambooth as dreambooth_lib
 from sdxl_jax.train import loop
 from tests.data.fixtures import prepared_dataset
 
-STAGES = (autoencoder, base_256, base_512, base_1024, refiner, finetune, lora)
+STAGES = (autoencoder, base_256, base_512, base_1024, refiner, finetune, lora, dreambooth)
 
 
 def shorten(c, data) -> None:
@@ -34,7 +46,46 @@ def shorten(c, data) -> None:
         c.model.preset = c.model.preset.replace("tiny", "micro")
 
 
-@pytest.mark.slow(seconds=165)
+def shorten_dreambooth(c) -> None:
+    c.data.path = ""  # the stage prepares its own
+    c.dreambooth.instance_data = "synthetic:3?seed=5&colour=purple&word=blorp"
+    c.dreambooth.num_class_images = 4
+    c.dreambooth.class_prompt = "a red circle in the top left"
+    c.dreambooth.prior_loss_weight = 0.5
+    c.dreambooth.class_steps = 3
+    c.dreambooth.class_guidance = 7.0
+
+
+def check_dreambooth_data(c, workdir) -> None:
+    """Class images as generate() makes them, the dataset's repeats and weights, the cache."""
+    stage = workdir / c.stage
+    folder = stage / dreambooth_lib.CLASS_FOLDER
+    files = sorted(folder.glob("*.png"))
+    assert len(files) == 4
+    assert {p.with_suffix(".txt").read_text() for p in files} == {c.dreambooth.class_prompt}
+    # The base's own samples of the class prompt (one chunk: seeds from class_seed 0).
+    want = generate.generate(
+        [c.dreambooth.class_prompt] * 4, workdir / "base_1024" / "export", steps=3,
+        guidance=7.0, height=64, width=64, seed=0, batch_size=4,
+    ).images  # fmt: skip
+    got = np.stack([images.decode_rgb(p.read_bytes()) for p in files])
+    assert np.abs(got.astype(int) - want).max() <= 1
+    index = batching.load_index(stage / dreambooth_lib.DATA_FOLDER)
+    # 3 instance images x round(4 / 3) = 1 use each, then the 4 class images at weight 0.5.
+    assert index["repeats"].tolist() == [1] * 7
+    np.testing.assert_array_equal(index["loss_weight"], np.float32([1] * 3 + [0.5] * 4))
+    # Rerun: nothing is generated again; two more are generated on their own.
+    stamps = [p.stat().st_mtime_ns for p in files]
+    c.dreambooth.num_class_images = 6
+    init = workdir / "base_1024" / "export"
+    dreambooth_lib.prepare_data(c, workdir, init, say=lambda *a: None)
+    assert [p.stat().st_mtime_ns for p in files] == stamps
+    assert len(list(folder.glob("*.png"))) == 6
+    index = batching.load_index(stage / dreambooth_lib.DATA_FOLDER)
+    assert index["repeats"].tolist() == [2] * 3 + [1] * 6  # round(6 / 3)
+
+
+@pytest.mark.slow(seconds=200)
 def test_tiny_variants_of_every_stage_run_in_curriculum_order(tmp_path):
     data, _ = prepared_dataset(
         tmp_path / "data", 64, ("tiny_square_32", "tiny_square_64", "tiny_aspect_64")
@@ -47,6 +98,8 @@ def test_tiny_variants_of_every_stage_run_in_curriculum_order(tmp_path):
             c.ae.scale_images = 16
         if c.stage == "refiner":
             c.init_from = "base_1024"  # as the tiny curriculum: the refiner from the base
+        if c.stage == "dreambooth":
+            shorten_dreambooth(c)
         result = loop.run_stage(c, workdir, quiet=True)
         assert result.status == "finished", c.stage
         stage = workdir / c.stage
@@ -60,6 +113,8 @@ def test_tiny_variants_of_every_stage_run_in_curriculum_order(tmp_path):
         elif c.kind == "diffusion":
             info = checkpoints.check_stage(result.export)  # a complete, loadable pipeline folder
             assert info.role == ("refiner" if c.stage == "refiner" else "base")
+        if c.stage == "dreambooth":
+            check_dreambooth_data(c, workdir)
     # Rerunning a finished stage does nothing.
     c = base_256.get_config("tiny")
     shorten(c, data)
