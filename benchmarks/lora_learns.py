@@ -1,79 +1,34 @@
 """Does a LoRA teach the tiny base a concept it has never seen, without forgetting the rest?
 
-python benchmarks/lora_learns.py --workdir /tmp/lora_base [--steps 150] [--images 48]
+python benchmarks/lora_learns.py --workdir /tmp/lora_base [--steps 150] [--images 48] \
+    [--prior none|base]
 
 Needs the tiny curriculum's multi-aspect base in ``--workdir`` (``base_1024``: run
-``python -m sdxl_jax.train --workdir DIR`` or its first three stages). The concept is a new word,
-"blorp", that no base caption holds: ``--images`` renders of "a blorp <shape> in the <position>"
-drawn in purple (the synthetic renderer, sizes 32..96 px). A LoRA stage
-(``experiments/lora.py:tiny``, rank 8 on attention + feed-forward) trains on them for
-``--steps`` steps; then the base alone and the base with the LoRA sample the 12 blorp captions
-and the 72 original captions with the same initial noise (DDIM 30 steps, guidance 7, 64 px),
-scored by the exact scorer: for blorp captions, the concept appears when the shape is purple
-(and the shape and position are right); for the original captions, all-three.
-
-``--prior`` adds images of the original captions to the LoRA's data, against the drift toward
-the new concept: ``base`` (DreamBooth's prior preservation: the base's own samples of the 72
-captions, generated once, loss weight 1), ``renders`` (regularisation images: renders of the
-72 captions, kohya's reg folder), ``none`` (default).
+``python -m sdxl_jax.train --workdir DIR`` or its first stages). The concept is a new word,
+"blorp", that no base caption holds: ``--images`` renders of "a blorp <shape> in the
+<position>" drawn in purple (``synthetic:N?colour=purple&word=blorp``). The DreamBooth stage
+(``experiments/dreambooth.py:tiny``: a rank-8 LoRA on attention + feed-forward) trains on
+them for ``--steps`` steps, ``--prior base`` with prior preservation (class images: the base's
+own samples of the 72 original captions, 2 each, loss weight 1), ``--prior none`` without.
+Then the base alone and the base with the LoRA sample the 12 blorp captions and the 72
+original captions with the same initial noise (DDIM 30 steps, guidance 7, 64 px), scored by
+the exact scorer: for blorp captions, the concept appears when the shape is purple (and, for
+"all", the shape and position are right); for the original captions, all-three.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from sdxl_jax.data import synthetic
 
 WORD = "blorp"
 COLOUR = "purple"
-
-
-def concept_folder(out: Path, n: int, seed: int = 0) -> Path:
-    """``n`` renders of "a blorp <shape> in the <position>" (purple), PNG + .txt captions."""
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    combos = [(s, p) for s in synthetic.SHAPES for p in synthetic.POSITIONS]
-    for i in range(n):
-        shape, position = combos[i % len(combos)]
-        h, w = (int(rng.integers(32, 97)) for _ in range(2))
-        image = synthetic.render(COLOUR, shape, position, h, w, rng=rng)
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="PNG")
-        (out / f"{i:04d}.png").write_bytes(buf.getvalue())
-        (out / f"{i:04d}.txt").write_text(f"a {WORD} {shape} in the {position}")
-    return out
-
-
-def add_prior(folder: Path, kind: str, base: Path, per_caption: int = 2) -> None:
-    """Class / regularisation images of the original captions into the concept folder."""
-    if kind == "none":
-        return
-    old = original_captions()
-    if kind == "renders":
-        items = [(ex["image"], ex["caption"]) for ex in synthetic.examples(72 * per_caption, 7)]
-    else:
-        from sdxl_jax.inference import generate
-
-        images = generate.generate(
-            old, base, num_images=per_caption, steps=30, guidance=7.0, sampler="ddim",
-            height=64, width=64, seed=99, batch_size=48,
-        ).images  # fmt: skip
-        items = []
-        captions = [c for c in old for _ in range(per_caption)]
-        for image, caption in zip(images, captions, strict=True):
-            buf = io.BytesIO()
-            Image.fromarray(image).save(buf, format="PNG")
-            items.append((buf.getvalue(), caption))
-    for i, (png, caption) in enumerate(items):
-        (folder / f"prior_{i:04d}.png").write_bytes(png)
-        (folder / f"prior_{i:04d}.txt").write_text(caption)
 
 
 def original_captions() -> list[str]:
@@ -109,39 +64,17 @@ def sample(base: Path, lora: Path | None, captions: list[str], per_caption: int)
     return result.images
 
 
-def prepared(folder: Path, out: Path) -> Path:
-    """The concept folder as a dataset the trainer reads (the tiny stages' bucket set)."""
-    from sdxl_jax.data import prepare
-
-    if not (out / "sdxl_index.npz").exists():
-        args = [
-            "--source",
-            f"folder:{folder}",
-            "--out",
-            str(out),
-            "--bucket-sets",
-            "tiny_aspect_64",
-            "--min-side",
-            "16",
-            "--no-progress",
-            "--workers",
-            "1",
-        ]
-        prepare.main(args)
-    return out
-
-
-def train_lora(workdir: Path, data: Path, steps: int, stage: str) -> Path:
-    from experiments import lora as lora_exp
+def train(workdir: Path, images: int, steps: int, prior: str, lr: float) -> Path:
+    from experiments import dreambooth
     from sdxl_jax.train.loop import run_stage
 
-    c = lora_exp.get_config("tiny")
-    c.stage = stage
-    c.data.path = str(data)
-    c.data.global_batch_size = 8
-    c.data.cache = "auto"
+    c = dreambooth.get_config("tiny")
+    c.stage = f"blorp_{prior}_{images}_{steps}"
+    c.dreambooth.instance_data = f"synthetic:{images}?seed=5&colour={COLOUR}&word={WORD}"
+    c.dreambooth.prior_loss_weight = 1.0 if prior == "base" else 0.0
+    c.dreambooth.class_data = str(workdir / "blorp_class_images")  # shared by the runs
+    c.optim.lr = lr
     c.optim.total_steps = steps
-    c.log.sample_every_steps = 0
     c.checkpoint.every_steps = steps
     result = run_stage(c, workdir, quiet=True)
     return Path(result.export) / "lora.safetensors"
@@ -153,18 +86,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--per-caption", type=int, default=2)
-    ap.add_argument("--prior", choices=("none", "base", "renders"), default="none")
+    ap.add_argument("--prior", choices=("none", "base"), default="none")
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     base = args.workdir / "base_1024" / "export"
     if not base.exists():
         raise SystemExit(f"{base} is missing: train the tiny curriculum's base first")
-    tag = "" if args.prior == "none" else f"_{args.prior}"
-    folder = concept_folder(args.workdir / f"blorp_images{tag}", args.images)
-    add_prior(folder, args.prior, base)
-    data = prepared(folder, args.workdir / f"blorp_data{tag}")
+    if args.prior == "base":  # the class images first (not timed with the training)
+        from experiments import dreambooth
+        from sdxl_jax.train import dreambooth as dreambooth_lib
+
+        db = dreambooth.get_config("tiny").dreambooth
+        t = time.perf_counter()
+        made = dreambooth_lib.generate_class_images(db, base, args.workdir / "blorp_class_images")
+        print(f"class images: {made} generated in {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
-    lora = train_lora(args.workdir, data, args.steps, f"lora_blorp{tag}")
+    lora = train(args.workdir, args.images, args.steps, args.prior, args.lr)
     train_s = time.perf_counter() - t
 
     new = [f"a {WORD} {s} in the {p}" for s in synthetic.SHAPES for p in synthetic.POSITIONS]
@@ -184,7 +122,7 @@ def main() -> None:
             },
         }
     report = {"train_s": round(train_s, 1), "steps": args.steps, "images": args.images,
-              "prior": args.prior, "rows": rows}  # fmt: skip
+              "prior": args.prior, "lr": args.lr, "rows": rows}  # fmt: skip
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -344,21 +344,16 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Build the dataset at ``out`` from ``source`` (KIND:LOCATION, or a list of them: one
-    dataset of their records in turn); returns the report.
+    """Build the dataset at ``out`` from ``source`` (KIND:LOCATION, or a list: one dataset of
+    their records in turn); returns the report.
 
     See the module docstring for what is stored and which records are skipped.
     """
     t0 = time.perf_counter()
     opts = Options(
-        tuple(bucket_sets),
-        on_aspect,
-        aspect_tolerance,
-        on_empty_caption,
-        min_side,
-        verify,
+        tuple(bucket_sets), on_aspect, aspect_tolerance, on_empty_caption, min_side, verify,
         chunk_size,
-    )
+    )  # fmt: skip
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     src = open_sources(source)
     if len(src) == 0:

@@ -49,8 +49,8 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
+from sdxl_jax.data.folders import FolderSource
 from sdxl_jax.data.readers import (
-    FolderSource,
     ManifestSource,
     RawRecord,
     Source,

@@ -322,7 +322,8 @@ def example(
     return {
         "key": f"synthetic-{seed}-{index:07d}",
         "image": buf.getvalue(),
-        "caption": caption_for(colour, shape, position) if word is None
+        "caption": caption_for(colour, shape, position)
+        if word is None
         else f"a {word} {shape} in the {position}",
         "height": height,
         "width": width,

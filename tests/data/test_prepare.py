@@ -166,8 +166,9 @@ def test_folder_keep_empty_captions_and_crop_extreme_aspects(corpus, tmp_path):
     # h/w = 20: the tallest bucket of each set (the paper's 2048x512; tiny_32's 64x16).
     assert buckets.bucket_set("sdxl_1024").sizes[index["bucket_sdxl_1024"][tall]] == (2048, 512)
     assert buckets.bucket_set("tiny_32").sizes[index["bucket_tiny_32"][tall]] == (64, 16)
-    columns = ["bucket_sdxl_1024", "bucket_tiny_32", "height", "key", "source_index", "width"]
-    assert sorted(index) == columns
+    columns = ["bucket_sdxl_1024", "bucket_tiny_32", "height", "key", "loss_weight", "repeats"]
+    assert sorted(index) == columns + ["source_index", "width"]
+    assert set(index["repeats"]) == {1} and set(index["loss_weight"]) == {1.0}
 
 
 # ---------------------------------------------------------------------------------------------
