@@ -8,7 +8,8 @@ python -m sdxl_jax.train --config experiments/dreambooth.py --workdir /runs/dog 
 python -m sdxl_jax.train --config experiments/dreambooth.py:tiny --workdir /tmp/run   # CPU
 
 As diffusers' ``train_dreambooth_lora_sdxl.py``: LoRA adapters (``experiments/lora.py``'s
-``lora`` fields) on the frozen model ``init_from`` names. Before training, the stage generates
+stage with its ``lora`` fields; diffusers' defaults: rank 4, lr 1e-4, batch 4, 500 steps) on
+the frozen model ``init_from`` names. Before training, the stage generates
 ``num_class_images`` images of ``class_prompt`` with that model (into ``<stage>/class_images``,
 or ``class_data``; kept, and reused by a rerun) and prepares one dataset of the subject's
 images (caption files, else ``instance_prompt``) and the class images, whose loss counts
@@ -23,14 +24,12 @@ samples of the 72 synthetic captions.
 
 import ml_collections
 
-from experiments import common
 from experiments import lora as lora_exp
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    c = common.base_config("dreambooth")
-    c.init_from = ""  # the pretrained model: a diffusers folder, a single file, or a stage name
-    c.lora = lora_exp.lora_group(rank=4)  # diffusers' DreamBooth LoRA default rank
+    c = lora_exp.get_config(arg)  # the LoRA stage's fields, optimizer and export
+    c.stage = "dreambooth"
     c.dreambooth = ml_collections.ConfigDict(
         {
             "instance_data": "",  # a folder of the subject's images, or a prepare source spec
@@ -51,38 +50,28 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         }
     )
     c.data.path = ""  # prepared by the stage from dreambooth.instance_data
-    c.data.bucket_set = "sdxl_1024"
-    c.data.global_batch_size = 4
-    c.data.remainder = "repeat"
-    c.data.random_crop = False  # diffusers' --center_crop off: resize and crop the centre
-    c.optim.lr = 1e-4
-    c.optim.warmup_steps = 0
-    c.optim.total_steps = 500  # diffusers' max_train_steps for its dog example
-    c.optim.weight_decay = 1e-4
-    c.optim.schedule = "constant"
-    c.step.ema_decay = 0.0
-    c.step.ema_warmup = False
-    c.checkpoint.every_steps = 250
-    c.log.sample_every_steps = 100
     if arg == "tiny":
-        common.tiny(c)
-        c.init_from = "base_1024"
-        c.data.path = ""
-        c.data.global_batch_size = 16
-        c.lora.rank = 8
-        c.lora.groups = "attn,ff"
         c.dreambooth.instance_data = "synthetic:12?seed=5&colour=purple&word=blorp"
         c.dreambooth.instance_prompt = "a blorp shape"  # (the renders have captions)
         c.dreambooth.class_prompt = "synthetic"
         c.dreambooth.num_class_images = 144
         c.dreambooth.class_resolution = 64
         c.dreambooth.class_guidance = 7.0
-        c.optim.lr = 3e-3
-        c.optim.warmup_steps = 10
-        c.optim.schedule = "cosine"
+        c.data.global_batch_size = 16
         c.optim.total_steps = 150
-        c.step.ema_decay = 0.0
         c.checkpoint.every_steps = 150
         c.log.sample_every_steps = 0
         c.log.sample_prompts = ("a blorp circle in the top left", "a red square in the top right")
+        return c
+    # diffusers' train_dreambooth_lora_sdxl.py defaults: rank 4, lr 1e-4 constant, Adam
+    # weight decay 1e-4, batch 4, 500 steps for its dog example.
+    c.lora.rank = 4
+    c.data.global_batch_size = 4
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 0
+    c.optim.total_steps = 500
+    c.optim.schedule = "constant"
+    c.optim.weight_decay = 1e-4
+    c.checkpoint.every_steps = 250
+    c.log.sample_every_steps = 100
     return c

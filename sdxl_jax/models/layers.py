@@ -41,9 +41,9 @@ Dtype = Any
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
-class Linear(nnx.Linear):
-    """``nnx.Linear`` with an optional low-rank adapter (``lora``, see :mod:`sdxl_jax.models.lora`)
-    whose output is added to the layer's: ``y = x W + b + lora(x)``."""
+class _Adapted:
+    """An optional low-rank adapter (``lora``, see :mod:`sdxl_jax.models.lora`) whose output is
+    added to the layer's: ``y = layer(x) + lora(x)``."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -54,17 +54,13 @@ class Linear(nnx.Linear):
         return y if self.lora is None else y + self.lora(x).astype(y.dtype)
 
 
-class Conv(nnx.Conv):
-    """``nnx.Conv`` with an optional low-rank adapter (``lora``: a conv to the rank with this
-    layer's stride and padding, then a 1x1 conv), added to the layer's output."""
+class Linear(_Adapted, nnx.Linear):
+    """``nnx.Linear`` with an optional adapter: ``y = x W + b + lora(x)``."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.lora = nnx.data(None)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = super().__call__(x)
-        return y if self.lora is None else y + self.lora(x).astype(y.dtype)
+class Conv(_Adapted, nnx.Conv):
+    """``nnx.Conv`` with an optional adapter (a conv to the rank with this layer's stride and
+    padding, then a 1x1 conv), added to the layer's output."""
 
 
 def linear(
