@@ -21,26 +21,13 @@ from sdxl_jax.data.readers import (
 KOHYA_FOLDER = re.compile(r"(\d+)_(.*)")
 
 
-def _positive(options: dict[str, str], name: str, default: float) -> float:
-    text = options.get(name, str(default))
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise SourceError(f"?{name}={text!r}: give a number >= 0")
-    return value
-
-
 class FolderSource(Source):
     """Images under DIR, recursively, with same-named caption files.
 
     ``?layout=kohya`` reads kohya's DreamBooth layout instead: the images directly inside
     DIR's subfolders named ``N_class tokens`` (``10_sks dog``), each used N times per epoch,
     captioned by its caption file or else by the folder's class tokens; other subfolders are
-    left out. ``?loss_weight=W`` weights every record's loss (a regularisation folder's
-    prior-preservation weight); ``?repeats=N`` uses every record N times per epoch (times its
-    kohya folder's N); ``?caption=TEXT`` captions images that have no caption file.
+    left out. ``?caption=TEXT`` captions images that have no caption file.
     """
 
     def __init__(self, kind: str, location: str, options: dict[str, str]):
@@ -49,10 +36,6 @@ class FolderSource(Source):
         if not self.root.is_dir():
             raise SourceError(f"folder source {location!r} is not a directory")
         self.caption_ext = options.get("caption_ext", ".txt")
-        self.loss_weight = _positive(options, "loss_weight", 1.0)
-        self.repeats = int(_positive(options, "repeats", 1))
-        if self.repeats != _positive(options, "repeats", 1) or self.repeats < 1:
-            raise SourceError(f"?repeats={options['repeats']!r}: give a whole number >= 1")
         self.caption = options.get("caption")
         layout = options.get("layout", "flat")
         if layout not in ("flat", "kohya"):
@@ -102,7 +85,7 @@ class FolderSource(Source):
             captions = None if tokens is None else [tokens]
         except OSError as e:
             raise RecordError("read_error", f"{caption_path}: {e}") from None
-        return RawRecord(rel, data, captions, repeats * self.repeats, self.loss_weight)
+        return RawRecord(rel, data, captions, repeats)
 
 
 def _is_image(name: str) -> bool:

@@ -9,10 +9,7 @@ picklable (lists of paths / offsets), and file handles are opened lazily per pro
                                   for another extension); key: the relative path.
                                   ?layout=kohya: kohya's DreamBooth folders DIR/N_tokens/ (N
                                   repeats per epoch; caption file, else the folder's tokens).
-                                  ?loss_weight=W: every record's loss weight (a class /
-                                  regularisation folder's prior-preservation weight).
-                                  ?repeats=N: uses per epoch; ?caption=TEXT: the caption of
-                                  images without a caption file.
+                                  ?caption=TEXT: the caption of images without a caption file.
   jsonl:FILE | csv:FILE | parquet:FILE
                                   a manifest, one row per image. Options: image=COL (default: the
                                   first of image, file_name, path, image_path, filename, file),
@@ -36,6 +33,10 @@ picklable (lists of paths / offsets), and file handles are opened lazily per pro
                                   ?colour=C[,C2]: only these colours; ?word=W: captions name
                                   the colour W instead (a new word to teach: DreamBooth).
 
+Every kind also takes ?repeats=N (each record used N times per epoch, times a kohya folder's
+N) and ?loss_weight=W (its loss weight: a class / regularisation set's prior-preservation
+weight); the side index keeps both per record.
+
 Several sources (``--source`` repeated) make one dataset: their records in turn, keys prefixed
 with the source's number ("0/", "1/", ...) so equal names in two folders stay apart.
 """
@@ -45,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import numpy as np
 
@@ -62,9 +63,10 @@ from sdxl_jax.data.readers import (
 )
 
 KINDS = ("folder", "jsonl", "csv", "parquet", "webdataset", "tfds", "synthetic")
+COMMON_OPTIONS = ("repeats", "loss_weight")
 _QUERY = re.compile(r"\w+=[^&]*(&\w+=[^&]*)*")
 _OPTIONS = {
-    "folder": ("caption_ext", "layout", "loss_weight", "repeats", "caption"),
+    "folder": ("caption_ext", "layout", "caption"),
     "jsonl": ("image", "caption", "key", "root"),
     "csv": ("image", "caption", "key", "root"),
     "parquet": ("image", "caption", "key", "root"),
@@ -89,9 +91,10 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     if not location:
         raise SourceError(f"source {spec!r} names no location: give {kind}:LOCATION ({example})")
     options = dict(parse_qsl(query, keep_blank_values=True))
-    unknown = sorted(set(options) - set(_OPTIONS[kind]))
+    unknown = sorted(set(options) - set(_OPTIONS[kind]) - set(COMMON_OPTIONS))
     if unknown:
-        raise SourceError(f"{kind} sources take options {_OPTIONS[kind]}, not {unknown}")
+        allowed = _OPTIONS[kind] + COMMON_OPTIONS
+        raise SourceError(f"{kind} sources take options {allowed}, not {unknown}")
     return kind, location, options
 
 
@@ -107,7 +110,47 @@ def open_source(spec: str) -> Source:
         "tfds": TfdsSource,
         "synthetic": SyntheticSource,
     }[kind]
-    return cls(kind, location, options)
+    common = {k: options.pop(k) for k in COMMON_OPTIONS if k in options}
+    source = cls(kind, location, options)
+    return Scaled(source, common) if common else source
+
+
+def _number(options: dict[str, str], name: str, default: float) -> float:
+    text = options.get(name, str(default))
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise SourceError(f"?{name}={text!r}: give a number >= 0")
+    return value
+
+
+class Scaled(Source):
+    """A source whose records are used ``repeats`` times as often, with ``loss_weight``."""
+
+    def __init__(self, inner: Source, options: dict[str, str]):
+        super().__init__(inner.kind, inner.location, {**inner.options, **options})
+        self.inner = inner
+        self.spec = inner.spec + ("&" if "?" in inner.spec else "?") + urlencode(options)
+        self.repeats = _number(options, "repeats", 1)
+        if self.repeats != int(self.repeats) or self.repeats < 1:
+            raise SourceError(f"?repeats={options['repeats']!r}: give a whole number >= 1")
+        self.loss_weight = _number(options, "loss_weight", 1.0)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+    def load(self, i: int) -> RawRecord:
+        raw = self.inner.load(i)
+        return dataclasses.replace(
+            raw,
+            repeats=raw.repeats * int(self.repeats),
+            loss_weight=raw.loss_weight * self.loss_weight,
+        )
 
 
 class MultiSource(Source):

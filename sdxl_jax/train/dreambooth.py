@@ -143,7 +143,7 @@ def plan(config: Any, stage_dir: Path) -> dict[str, Any]:
     if db.prior_loss_weight > 0:
         weight = {"loss_weight": repr(float(db.prior_loss_weight))}
         specs.append(f"folder:{class_folder(db, stage_dir)}?" + urlencode(weight))
-        if not repeats and spec.startswith("folder:") and "layout=kohya" not in spec:
+        if not repeats and "layout=kohya" not in spec:  # kohya's folders name their own
             # As many uses of the subject's images as of class images per epoch (diffusers
             # pairs them one to one; kohya balances reg images to the train images).
             repeats = max(1, round(int(db.num_class_images) / n))
