@@ -85,6 +85,20 @@ def test_a_kohya_folder_without_concept_folders_names_the_form(tmp_path):
             prepare.prepare(f"folder:{tmp_path}?{bad}", tmp_path / "ds", **FAST)
 
 
+def test_every_source_takes_repeats_and_a_loss_weight():
+    from sdxl_jax.data.sources import open_source
+
+    plain = open_source("synthetic:3?seed=1")
+    scaled = open_source("synthetic:3?seed=1&repeats=2&loss_weight=0.5")
+    a, b = plain.load(2), scaled.load(2)
+    assert (b.key, b.data, b.captions) == (a.key, a.data, a.captions)
+    assert (a.repeats, a.loss_weight, b.repeats, b.loss_weight) == (1, 1.0, 2, 0.5)
+    assert scaled.spec == "synthetic:3?seed=1&repeats=2&loss_weight=0.5"
+    for bad in ("repeats=0", "repeats=1.5", "loss_weight=inf"):
+        with pytest.raises(SourceError, match=bad.split("=")[0]):
+            open_source(f"synthetic:3?{bad}")
+
+
 @pytest.mark.parametrize("remainder", ["drop", "repeat"])
 def test_repeats_use_each_record_that_often_per_epoch(remainder):
     rng = np.random.default_rng(0)
