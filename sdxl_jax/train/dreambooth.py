@@ -96,7 +96,10 @@ def generate_class_images(db: Any, checkpoint: Path, folder: Path, say=print) ->
     image i of prompt i mod the prompt count); returns how many were generated now."""
     from PIL import Image
 
+    import jax
+
     from sdxl_jax.inference import generate as gen
+    from sdxl_jax.inference import runtime
 
     folder.mkdir(parents=True, exist_ok=True)
     have, want = len(_images(folder)), int(db.num_class_images)
@@ -104,7 +107,9 @@ def generate_class_images(db: Any, checkpoint: Path, folder: Path, say=print) ->
         return 0
     texts = class_prompts(db)
     models = gen.check_models(checkpoint)
-    generator = gen.Generator(models, batch_size=min(CHUNK, want - have))
+    # This process's devices only: in a multi-host job the lead generates while the rest wait.
+    mesh = runtime.make_mesh(jax.local_devices())
+    generator = gen.Generator(models, mesh=mesh, batch_size=min(CHUNK, want - have))
     size = int(db.class_resolution) or None
     t0 = time.perf_counter()
     for start in range(have, want, CHUNK):

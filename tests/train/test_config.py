@@ -61,3 +61,25 @@ def test_locked_configs_reject_misspelt_keys():
     c.lock()
     with pytest.raises(AttributeError):
         c.optim.learning_rate = 1e-4  # the key is optim.lr
+
+
+def test_dreambooth_and_caption_options_name_their_fixes():
+    cfg_lib.validate(load("dreambooth", "tiny"), n_devices=8)
+    c = load("dreambooth")
+    c.init_from = "/models/sdxl"
+    with pytest.raises(ValueError) as e:
+        cfg_lib.validate(c, n_devices=8)
+    for field in ("instance_data is empty", "instance_prompt is empty", "class_prompt is empty"):
+        assert f"dreambooth.{field}" in str(e.value)
+    c.dreambooth.update(instance_data="/d", instance_prompt="a sks dog", prior_loss_weight=0.0)
+    c.data.global_batch_size = 8  # (4 on one card)
+    cfg_lib.validate(c, n_devices=8)  # no class prompt needed without prior preservation
+    c.data.path = "/other"
+    with pytest.raises(ValueError, match="leave data.path empty"):
+        cfg_lib.validate(c, n_devices=8)
+    c = load("lora", "tiny")  # cache "auto"
+    c.data.update(caption_dropout=0.1, keep_tags=-1)
+    with pytest.raises(ValueError) as e:
+        cfg_lib.validate(c, n_devices=8)
+    assert "data.keep_tags -1: need >= 0" in str(e.value)
+    assert "set data.cache='' (online text)" in str(e.value)
