@@ -94,9 +94,8 @@ def class_prompts(db: Any) -> list[str]:
 def generate_class_images(db: Any, checkpoint: Path, folder: Path, say=print) -> int:
     """Fill ``folder`` up to ``num_class_images`` images of the class prompts (PNG + .txt;
     image i of prompt i mod the prompt count); returns how many were generated now."""
-    from PIL import Image
-
     import jax
+    from PIL import Image
 
     from sdxl_jax.inference import generate as gen
     from sdxl_jax.inference import runtime
