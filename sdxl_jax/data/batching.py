@@ -118,6 +118,8 @@ class BatchSchedule:
             self._uses = np.repeat(np.arange(len(self.buckets), dtype=np.int32), repeats)
         self._use_buckets = self.buckets if self._uses is None else self.buckets[self._uses]
         self.summary = batch_summary(self._use_buckets, global_batch, remainder=remainder)
+        if self._uses is not None:
+            self.summary["distinct_records"] = int((self.buckets >= 0).sum())
         self.steps_per_epoch = self.summary["steps_per_epoch"]
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -207,13 +209,18 @@ def record_buckets(
     return b, excluded
 
 
+def _uses(summary: dict) -> str:
+    n = summary.get("distinct_records")
+    return "" if n is None else f" (uses of {n} records, with their repeats)"
+
+
 def format_summary(summary: dict, bucket_set: buckets_lib.BucketSet) -> str:
     """The bucket histogram and steps per epoch as a small table."""
     ex = summary.get("excluded", {})
     lines = [
         f"bucket set {bucket_set.name} ({len(bucket_set.sizes)} buckets), global batch "
         f"{summary['global_batch']}, remainder {summary['remainder']}",
-        f"records: {summary['records']} in the plan; left out: {ex.get('out_of_range', 0)} "
+        f"records: {summary['records']} in the plan{_uses(summary)}; left out: {ex.get('out_of_range', 0)} "
         "outside the aspect range"
         + (f", {ex['small']} smaller than their bucket (drop_small)" if "small" in ex else ""),
         f"{'bucket':>6} {'h x w':>11} {'records':>8} {'batches':>8} {'dropped':>8} {'repeated':>8}",
@@ -250,6 +257,8 @@ def describe(
     b, excluded = record_buckets(index, bset, drop_small=drop_small)
     uses = b if "repeats" not in index else np.repeat(b, index["repeats"])
     summary = {**batch_summary(uses, global_batch, remainder=remainder), "excluded": excluded}
+    if len(uses) != len(b):
+        summary["distinct_records"] = int((b >= 0).sum())
     text = format_summary(summary, bset)
     if show:
         schedule = BatchSchedule(
