@@ -45,7 +45,7 @@ def concept_score(images: np.ndarray, captions: list[str]) -> dict[str, float]:
     colour = shape_pos = 0
     for image, caption in zip(images, captions, strict=True):
         got = synthetic.classify(np.asarray(image))
-        want = caption.replace(WORD, COLOUR)
+        want = caption.replace(f"a {WORD} ", f"a {COLOUR} ")
         _, shape, position = synthetic.parse_caption(want)
         colour += got[0] == COLOUR
         shape_pos += got[0] == COLOUR and got[1] == shape and got[2] == position
@@ -64,12 +64,13 @@ def sample(base: Path, lora: Path | None, captions: list[str], per_caption: int)
     return result.images
 
 
-def train(workdir: Path, images: int, steps: int, prior: str, lr: float) -> Path:
+def train(workdir: Path, images: int, steps: int, prior: str, lr: float, groups: str) -> Path:
     from experiments import dreambooth
     from sdxl_jax.train.loop import run_stage
 
     c = dreambooth.get_config("tiny")
-    c.stage = f"blorp_{prior}_{images}_{steps}"
+    c.stage = f"{WORD}_{prior}_{images}_{steps}_lr{lr:g}_{groups.replace(',', '_')}"
+    c.lora.groups = groups
     c.dreambooth.instance_data = f"synthetic:{images}?seed=5&colour={COLOUR}&word={WORD}"
     c.dreambooth.prior_loss_weight = 1.0 if prior == "base" else 0.0
     c.dreambooth.class_data = str(workdir / "blorp_class_images")  # shared by the runs
@@ -81,6 +82,7 @@ def train(workdir: Path, images: int, steps: int, prior: str, lr: float) -> Path
 
 
 def main() -> None:
+    global WORD
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", required=True, type=Path)
     ap.add_argument("--steps", type=int, default=150)
@@ -88,8 +90,11 @@ def main() -> None:
     ap.add_argument("--per-caption", type=int, default=2)
     ap.add_argument("--prior", choices=("none", "base"), default="none")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--groups", default="attn,ff", help="the LoRA's layer groups")
+    ap.add_argument("--word", default=WORD, help="the new word (default: blorp, 4 tokens)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
+    WORD = args.word
     base = args.workdir / "base_1024" / "export"
     if not base.exists():
         raise SystemExit(f"{base} is missing: train the tiny curriculum's base first")
@@ -102,7 +107,7 @@ def main() -> None:
         made = dreambooth_lib.generate_class_images(db, base, args.workdir / "blorp_class_images")
         print(f"class images: {made} generated in {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
-    lora = train(args.workdir, args.images, args.steps, args.prior, args.lr)
+    lora = train(args.workdir, args.images, args.steps, args.prior, args.lr, args.groups)
     train_s = time.perf_counter() - t
 
     new = [f"a {WORD} {s} in the {p}" for s in synthetic.SHAPES for p in synthetic.POSITIONS]
@@ -122,7 +127,8 @@ def main() -> None:
             },
         }
     report = {"train_s": round(train_s, 1), "steps": args.steps, "images": args.images,
-              "prior": args.prior, "lr": args.lr, "rows": rows}  # fmt: skip
+              "prior": args.prior, "lr": args.lr, "word": WORD,
+              "groups": args.groups, "rows": rows}  # fmt: skip
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
