@@ -64,13 +64,18 @@ def sample(base: Path, lora: Path | None, captions: list[str], per_caption: int)
     return result.images
 
 
-def train(workdir: Path, images: int, steps: int, prior: str, lr: float, groups: str) -> Path:
+def train(args: argparse.Namespace) -> Path:
     from experiments import dreambooth
     from sdxl_jax.train.loop import run_stage
 
     c = dreambooth.get_config("tiny")
-    c.stage = f"{WORD}_{prior}_{images}_{steps}_lr{lr:g}_{groups.replace(',', '_')}"
-    c.lora.groups = groups
+    workdir, images, steps, prior, lr = (
+        args.workdir, args.images, args.steps, args.prior, args.lr,
+    )  # fmt: skip
+    c.stage = f"{WORD}_{prior}_{images}_{steps}_lr{lr:g}_{args.groups.replace(',', '_')}"
+    c.stage += f"_offset{args.offset_noise:g}" if args.offset_noise else ""
+    c.lora.groups = args.groups
+    c.step.offset_noise = args.offset_noise
     c.dreambooth.instance_data = f"synthetic:{images}?seed=5&colour={COLOUR}&word={WORD}"
     c.dreambooth.prior_loss_weight = 1.0 if prior == "base" else 0.0
     c.dreambooth.class_data = str(workdir / "blorp_class_images")  # shared by the runs
@@ -90,6 +95,7 @@ def main() -> None:
     ap.add_argument("--per-caption", type=int, default=2)
     ap.add_argument("--prior", choices=("none", "base"), default="none")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--offset-noise", type=float, default=0.0)
     ap.add_argument("--groups", default="attn,ff", help="the LoRA's layer groups")
     ap.add_argument("--word", default=WORD, help="the new word (default: blorp, 4 tokens)")
     ap.add_argument("--json", default="")
@@ -107,7 +113,7 @@ def main() -> None:
         made = dreambooth_lib.generate_class_images(db, base, args.workdir / "blorp_class_images")
         print(f"class images: {made} generated in {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
-    lora = train(args.workdir, args.images, args.steps, args.prior, args.lr, args.groups)
+    lora = train(args)
     train_s = time.perf_counter() - t
 
     new = [f"a {WORD} {s} in the {p}" for s in synthetic.SHAPES for p in synthetic.POSITIONS]
@@ -128,7 +134,7 @@ def main() -> None:
         }
     report = {"train_s": round(train_s, 1), "steps": args.steps, "images": args.images,
               "prior": args.prior, "lr": args.lr, "word": WORD,
-              "groups": args.groups, "rows": rows}  # fmt: skip
+              "groups": args.groups, "offset_noise": args.offset_noise, "rows": rows}  # fmt: skip
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
