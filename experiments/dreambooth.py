@@ -58,6 +58,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.dreambooth.class_resolution = 64
         c.dreambooth.class_guidance = 7.0
         c.data.global_batch_size = 16
+        c.optim.lr = 1e-3  # 3e-3 (the tiny LoRA's) forgot more of the base (BENCHMARKS.md)
         c.optim.total_steps = 150
         c.checkpoint.every_steps = 150
         c.log.sample_every_steps = 0
