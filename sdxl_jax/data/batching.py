@@ -220,8 +220,8 @@ def format_summary(summary: dict, bucket_set: buckets_lib.BucketSet) -> str:
     lines = [
         f"bucket set {bucket_set.name} ({len(bucket_set.sizes)} buckets), global batch "
         f"{summary['global_batch']}, remainder {summary['remainder']}",
-        f"records: {summary['records']} in the plan{_uses(summary)}; left out: {ex.get('out_of_range', 0)} "
-        "outside the aspect range"
+        f"records: {summary['records']} in the plan{_uses(summary)}; left out: "
+        f"{ex.get('out_of_range', 0)} outside the aspect range"
         + (f", {ex['small']} smaller than their bucket (drop_small)" if "small" in ex else ""),
         f"{'bucket':>6} {'h x w':>11} {'records':>8} {'batches':>8} {'dropped':>8} {'repeated':>8}",
     ]
