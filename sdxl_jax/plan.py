@@ -178,6 +178,11 @@ def stage_from_config(
     config = config.copy_and_resolve_references()
     if config.get("lora") is not None and not config.init_from:
         config.init_from = "(pretrained)"  # a LoRA stage's required base: not read by the plan
+    if config.get("dreambooth") is not None:  # its data fields: not read by the plan either
+        db = config.dreambooth
+        db.instance_data = db.instance_data or "(instance images)"
+        db.instance_prompt = db.instance_prompt or "(instance prompt)"
+        db.class_prompt = db.class_prompt or "(class prompt)"
     if batch is not None:
         config.data.global_batch_size = batch
     if mesh is not None:
