@@ -213,3 +213,15 @@ def test_tiny_stage_end_to_end(tmp_path, capsys):
     assert r["steps_source"] == "--steps"
     assert r["state_bytes"] == 4 * r["grad_bytes"] == 16 * r["params"]  # fp32, one device's all
     assert r["total_bytes"] is None  # no stored activations for the tiny preset without remat
+
+
+def test_lora_and_dreambooth_stages_plan_without_their_data(capsys):
+    # Neither the pretrained base nor the subject's images are read: the plan needs only the
+    # model, and validating the config must not ask for them.
+    from experiments import dreambooth
+
+    stage = plan.stage_from_config(dreambooth.get_config("tiny"), 1)
+    assert stage.lora is not None and stage.lora.rank == 8
+    full = dreambooth.get_config()
+    assert plan.stage_from_config(full, 1).lora.rank == 4
+    assert full.dreambooth.instance_data == ""  # the caller's config is left as it was
