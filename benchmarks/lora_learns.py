@@ -53,10 +53,12 @@ def concept_score(images: np.ndarray, captions: list[str]) -> dict[str, float]:
     return {"concept_colour": colour / n, "concept_all": shape_pos / n}
 
 
-def sample(base: Path, lora: Path | None, captions: list[str], per_caption: int) -> np.ndarray:
+def sample(
+    base: Path, lora: Path | None, captions: list[str], per_caption: int, scale: float = 1.0
+) -> np.ndarray:
     from sdxl_jax.inference import generate
 
-    loras = [(str(lora), 1.0)] if lora else []
+    loras = [(str(lora), scale)] if lora else []
     result = generate.generate(
         captions, base, loras=loras, num_images=per_caption, steps=30, guidance=7.0,
         sampler="ddim", height=64, width=64, seed=1234, batch_size=48,
@@ -96,6 +98,7 @@ def main() -> None:
     ap.add_argument("--prior", choices=("none", "base"), default="none")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--offset-noise", type=float, default=0.0)
+    ap.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's scale in sampling")
     ap.add_argument("--groups", default="attn,ff", help="the LoRA's layer groups")
     ap.add_argument("--word", default=WORD, help="the new word (default: blorp, 4 tokens)")
     ap.add_argument("--json", default="")
@@ -121,7 +124,7 @@ def main() -> None:
     k = args.per_caption
     rows = {}
     for name, adapter in (("base", None), ("base + LoRA", lora)):
-        images = sample(base, adapter, new + old, k)
+        images = sample(base, adapter, new + old, k, args.lora_scale)
         n_new = len(new) * k
         rows[name] = {
             **concept_score(images[:n_new], [c for c in new for _ in range(k)]),
@@ -134,7 +137,8 @@ def main() -> None:
         }
     report = {"train_s": round(train_s, 1), "steps": args.steps, "images": args.images,
               "prior": args.prior, "lr": args.lr, "word": WORD,
-              "groups": args.groups, "offset_noise": args.offset_noise, "rows": rows}  # fmt: skip
+              "groups": args.groups, "offset_noise": args.offset_noise,
+              "lora_scale": args.lora_scale, "rows": rows}  # fmt: skip
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
