@@ -11,7 +11,7 @@ Needs the tiny curriculum's multi-aspect base in ``--workdir`` (``base_1024``: r
 them for ``--steps`` steps, ``--prior base`` with prior preservation (class images: the base's
 own samples of the 72 original captions, 2 each, loss weight 1), ``--prior none`` without.
 Then the base alone and the base with the LoRA sample the 12 blorp captions and the 72
-original captions with the same initial noise (DDIM 30 steps, guidance 7, 64 px), scored by
+original captions with the same initial noise (DDIM 30 steps, guidance 7 or --guidance, 64 px), scored by
 the exact scorer: for blorp captions, the concept appears when the shape is purple (and, for
 "all", the shape and position are right); for the original captions, all-three.
 """
@@ -54,13 +54,18 @@ def concept_score(images: np.ndarray, captions: list[str]) -> dict[str, float]:
 
 
 def sample(
-    base: Path, lora: Path | None, captions: list[str], per_caption: int, scale: float = 1.0
+    base: Path,
+    lora: Path | None,
+    captions: list[str],
+    per_caption: int,
+    scale: float = 1.0,
+    guidance: float = 7.0,
 ) -> np.ndarray:
     from sdxl_jax.inference import generate
 
     loras = [(str(lora), scale)] if lora else []
     result = generate.generate(
-        captions, base, loras=loras, num_images=per_caption, steps=30, guidance=7.0,
+        captions, base, loras=loras, num_images=per_caption, steps=30, guidance=guidance,
         sampler="ddim", height=64, width=64, seed=1234, batch_size=48,
     )  # fmt: skip
     return result.images
@@ -98,6 +103,7 @@ def main() -> None:
     ap.add_argument("--prior", choices=("none", "base"), default="none")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--offset-noise", type=float, default=0.0)
+    ap.add_argument("--guidance", type=float, default=7.0, help="sampling guidance")
     ap.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's scale in sampling")
     ap.add_argument("--groups", default="attn,ff", help="the LoRA's layer groups")
     ap.add_argument("--word", default=WORD, help="the new word (default: blorp, 4 tokens)")
@@ -124,7 +130,7 @@ def main() -> None:
     k = args.per_caption
     rows = {}
     for name, adapter in (("base", None), ("base + LoRA", lora)):
-        images = sample(base, adapter, new + old, k, args.lora_scale)
+        images = sample(base, adapter, new + old, k, args.lora_scale, args.guidance)
         n_new = len(new) * k
         rows[name] = {
             **concept_score(images[:n_new], [c for c in new for _ in range(k)]),
@@ -138,7 +144,7 @@ def main() -> None:
     report = {"train_s": round(train_s, 1), "steps": args.steps, "images": args.images,
               "prior": args.prior, "lr": args.lr, "word": WORD,
               "groups": args.groups, "offset_noise": args.offset_noise,
-              "lora_scale": args.lora_scale, "rows": rows}  # fmt: skip
+              "lora_scale": args.lora_scale, "guidance": args.guidance, "rows": rows}  # fmt: skip
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
