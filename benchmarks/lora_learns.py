@@ -11,9 +11,11 @@ Needs the tiny curriculum's multi-aspect base in ``--workdir`` (``base_1024``: r
 them for ``--steps`` steps, ``--prior base`` with prior preservation (class images: the base's
 own samples of the 72 original captions, 2 each, loss weight 1), ``--prior none`` without.
 Then the base alone and the base with the LoRA sample the 12 blorp captions and the 72
-original captions with the same initial noise (DDIM 30 steps, guidance 7 or --guidance, 64 px), scored by
-the exact scorer: for blorp captions, the concept appears when the shape is purple (and, for
-"all", the shape and position are right); for the original captions, all-three.
+original captions with the same initial noise (DDIM 30 steps, guidance 7 or ``--guidance``,
+64 px), scored by the exact scorer: for blorp captions, the concept appears when the shape is
+purple (and, for "all", the shape and position are right); for the original captions,
+all-three. ``--word`` names another new word, ``--lr`` / ``--groups`` / ``--offset-noise``
+change the training and ``--lora-scale`` the sampling.
 """
 
 from __future__ import annotations
