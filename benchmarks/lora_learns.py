@@ -87,6 +87,8 @@ def train(args: argparse.Namespace) -> Path:
     c.step.offset_noise = args.offset_noise
     c.dreambooth.instance_data = f"synthetic:{images}?seed=5&colour={COLOUR}&word={WORD}"
     c.dreambooth.prior_loss_weight = 1.0 if prior == "base" else 0.0
+    c.dreambooth.num_class_images = args.class_images
+    c.stage += f"_cls{args.class_images}" if args.class_images != 144 else ""
     c.dreambooth.class_data = str(workdir / "blorp_class_images")  # shared by the runs
     c.optim.lr = lr
     c.optim.total_steps = steps
@@ -105,6 +107,7 @@ def main() -> None:
     ap.add_argument("--prior", choices=("none", "base"), default="none")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--offset-noise", type=float, default=0.0)
+    ap.add_argument("--class-images", type=int, default=144, help="prior images (2 per caption)")
     ap.add_argument("--guidance", type=float, default=7.0, help="sampling guidance")
     ap.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's scale in sampling")
     ap.add_argument("--groups", default="attn,ff", help="the LoRA's layer groups")
@@ -120,6 +123,7 @@ def main() -> None:
         from sdxl_jax.train import dreambooth as dreambooth_lib
 
         db = dreambooth.get_config("tiny").dreambooth
+        db.num_class_images = args.class_images
         t = time.perf_counter()
         made = dreambooth_lib.generate_class_images(db, base, args.workdir / "blorp_class_images")
         print(f"class images: {made} generated in {time.perf_counter() - t:.1f} s")
@@ -146,7 +150,8 @@ def main() -> None:
     report = {"train_s": round(train_s, 1), "steps": args.steps, "images": args.images,
               "prior": args.prior, "lr": args.lr, "word": WORD,
               "groups": args.groups, "offset_noise": args.offset_noise,
-              "lora_scale": args.lora_scale, "guidance": args.guidance, "rows": rows}  # fmt: skip
+              "lora_scale": args.lora_scale, "guidance": args.guidance,
+              "class_images": args.class_images, "rows": rows}  # fmt: skip
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
