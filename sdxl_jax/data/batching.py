@@ -59,12 +59,23 @@ def epoch_batches(
     return [batches[i] for i in batch_order]
 
 
-def batch_summary(buckets: np.ndarray, global_batch: int, *, remainder: str = "drop") -> dict:
-    """Records, batches, dropped and repeated records per bucket, and steps per epoch.
+def batch_summary(
+    buckets: np.ndarray,
+    global_batch: int,
+    *,
+    remainder: str = "drop",
+    repeats: np.ndarray | None = None,
+) -> dict:
+    """Records, batches, dropped and repeated records per bucket, and steps per epoch (with
+    ``repeats``: record uses, and ``distinct_records``).
 
     The counts do not depend on the shuffle, so no epoch's batches are drawn.
     """
     buckets = np.asarray(buckets)
+    distinct = None
+    if repeats is not None and np.any(np.asarray(repeats) != 1):
+        distinct = int((buckets >= 0).sum())
+        buckets = np.repeat(buckets, repeats)
     values, counts = np.unique(buckets[buckets >= 0], return_counts=True)
     rows = []
     for b, n in zip(values.tolist(), counts.tolist(), strict=True):
@@ -89,6 +100,7 @@ def batch_summary(buckets: np.ndarray, global_batch: int, *, remainder: str = "d
         "records_per_epoch": steps * global_batch,
         "dropped": sum(r["dropped"] for r in rows),
         "repeated": sum(r["repeated"] for r in rows),
+        **({} if distinct is None else {"distinct_records": distinct}),
     }
 
 
@@ -117,9 +129,7 @@ class BatchSchedule:
                 raise ValueError(f"repeats must be [{len(self.buckets)}] counts >= 0")
             self._uses = np.repeat(np.arange(len(self.buckets), dtype=np.int32), repeats)
         self._use_buckets = self.buckets if self._uses is None else self.buckets[self._uses]
-        self.summary = batch_summary(self._use_buckets, global_batch, remainder=remainder)
-        if self._uses is not None:
-            self.summary["distinct_records"] = int((self.buckets >= 0).sum())
+        self.summary = batch_summary(buckets, global_batch, remainder=remainder, repeats=repeats)
         self.steps_per_epoch = self.summary["steps_per_epoch"]
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -255,15 +265,12 @@ def describe(
     bset = buckets_lib.bucket_set(bucket_set)
     index = load_index(path)
     b, excluded = record_buckets(index, bset, drop_small=drop_small)
-    uses = b if "repeats" not in index else np.repeat(b, index["repeats"])
-    summary = {**batch_summary(uses, global_batch, remainder=remainder), "excluded": excluded}
-    if len(uses) != len(b):
-        summary["distinct_records"] = int((b >= 0).sum())
+    repeats = index.get("repeats")
+    summary = batch_summary(b, global_batch, remainder=remainder, repeats=repeats)
+    summary["excluded"] = excluded
     text = format_summary(summary, bset)
     if show:
-        schedule = BatchSchedule(
-            b, global_batch, seed=seed, remainder=remainder, repeats=index.get("repeats")
-        )
+        schedule = BatchSchedule(b, global_batch, seed=seed, remainder=remainder, repeats=repeats)
         keys = index.get("key")
         summary["first_steps"] = []
         for step in range(show):

@@ -101,17 +101,26 @@ class DataConfig:
             raise ValueError("num_workers >= 0, prefetch >= 1 and read_threads >= 0 are needed")
         if self.image_dtype not in ("float32", "uint8"):
             raise ValueError(f"image_dtype={self.image_dtype!r}: use 'float32' or 'uint8'")
-        if not 0.0 <= self.caption_dropout <= 1.0 or self.keep_tags < 0 or not self.tag_separator:
-            raise ValueError(
-                f"caption_dropout={self.caption_dropout} must be in [0, 1], keep_tags="
-                f"{self.keep_tags} >= 0 and tag_separator non-empty"
-            )
-        if self.cache and (self.caption_dropout > 0 or self.shuffle_tags):
-            raise ValueError(
-                "data.caption_dropout and data.shuffle_tags change each step's captions, but "
-                f"data.cache={self.cache!r} holds text embeddings encoded once: set "
-                "data.cache='' (encode online) or turn them off"
-            )
+        problems = caption_problems(
+            self.caption_dropout, self.shuffle_tags, self.keep_tags, self.cache
+        )
+        if problems or not self.tag_separator:
+            raise ValueError("; ".join(problems or ["data.tag_separator is empty"]))
+
+
+def caption_problems(dropout: float, shuffle: bool, keep_tags: int, cache: str) -> list[str]:
+    """kohya's caption options: in range, and only with online text encoding."""
+    problems = []
+    if not 0 <= dropout <= 1:
+        problems.append(f"data.caption_dropout {dropout}: need a probability in [0, 1]")
+    if keep_tags < 0:
+        problems.append(f"data.keep_tags {keep_tags}: need >= 0")
+    if (dropout > 0 or shuffle) and cache:
+        problems.append(
+            f"data.caption_dropout / data.shuffle_tags change captions every step, but "
+            f"data.cache={cache!r} encodes them once: set data.cache='' (online text)"
+        )
+    return problems
 
 
 def process_caption(caption: str, cfg: DataConfig, rng: np.random.Generator) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 from sdxl_jax import sharding
 from sdxl_jax.data import buckets
+from sdxl_jax.data import pipeline as data_pipeline
 from sdxl_jax.models.lora import GROUPS as LORA_GROUPS
 from sdxl_jax.models.lora import LoRAConfig
 from sdxl_jax.models.unet import UNetConfig
@@ -156,19 +157,11 @@ def lora_problems(config: Any) -> list[str]:
 
 
 def caption_problems(data: Any) -> list[str]:
-    """kohya's caption options: in range, and only with online text encoding."""
-    problems = []
-    dropout, shuffle = data.get("caption_dropout", 0.0), data.get("shuffle_tags", False)
-    if not 0 <= dropout <= 1:
-        problems.append(f"data.caption_dropout {dropout}: need a probability in [0, 1]")
-    if data.get("keep_tags", 0) < 0:
-        problems.append(f"data.keep_tags {data.keep_tags}: need >= 0")
-    if (dropout > 0 or shuffle) and data.get("cache", ""):
-        problems.append(
-            f"data.caption_dropout / data.shuffle_tags change captions every step, but "
-            f"data.cache={data.cache!r} encodes them once: set data.cache='' (online text)"
-        )
-    return problems
+    """``data_pipeline.caption_problems`` of the config's data fields (absent: defaults)."""
+    return data_pipeline.caption_problems(
+        data.get("caption_dropout", 0.0), data.get("shuffle_tags", False),
+        data.get("keep_tags", 0), data.get("cache", ""),
+    )  # fmt: skip
 
 
 def validate(config: Any, n_devices: int) -> None:

@@ -86,9 +86,11 @@ def class_prompts(db: Any) -> list[str]:
     from sdxl_jax.eval import prompts
 
     spec = str(db.class_prompt)
-    if spec == prompts.SYNTHETIC or Path(spec).expanduser().is_file():
-        return prompts.load(Path(spec).expanduser() if spec != prompts.SYNTHETIC else spec).texts
-    return [spec]
+    if spec != prompts.SYNTHETIC and Path(spec).expanduser().is_file():
+        spec = str(Path(spec).expanduser())
+    elif spec != prompts.SYNTHETIC:
+        return [spec]
+    return prompts.load(spec).texts
 
 
 def generate_class_images(db: Any, checkpoint: Path, folder: Path, say=print) -> int:

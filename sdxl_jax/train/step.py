@@ -333,10 +333,9 @@ def loss_fn(
     per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))  # [B]
     if cfg.min_snr_gamma is not None:
         per_example = per_example * snr_weight(abar, cfg.min_snr_gamma, cfg.prediction_type)
-    if inputs.weight is None:
-        return jnp.mean(per_example), {"per_example": per_example}
     # kohya's loss weights: the batch mean of weight x loss (a class image counts w times).
-    return jnp.mean(per_example * inputs.weight), {"per_example": per_example}
+    weighted = per_example if inputs.weight is None else per_example * inputs.weight
+    return jnp.mean(weighted), {"per_example": per_example}
 
 
 # -- inputs ------------------------------------------------------------------------------
