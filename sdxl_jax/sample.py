@@ -298,7 +298,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         checkpoint=origin.get("checkpoint", str(args.checkpoint)),
         refiner=origin.get("refiner", args.refiner),
     )  # fmt: skip
-    params = lambda rec: {k: paths[k] if k in paths else rec[k] for k in RECORD_KEYS}  # noqa: E731
+    categories = [p.category for p in job.prompt_set.prompts]
+
+    def params(rec: dict[str, Any]) -> dict[str, Any]:
+        out = {k: paths[k] if k in paths else rec[k] for k in RECORD_KEYS}
+        if category := categories[rec["index"] // args.num_images]:  # PartiPrompts, DrawBench
+            out["category"] = category
+        return out
+
     settings = {k: val for k, val in vars(args).items() if k != "origin"}
     settings["loras"] = [lo.describe() for lo in job.models.loras]
     if scorers is not None:
@@ -338,18 +345,24 @@ def summary(manifest: dict[str, Any], out: str) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def fetch_remote(args: argparse.Namespace) -> None:
+    """gs://... checkpoints -> a copy on this machine's disk (``args.origin`` keeps the URLs,
+    which the images record); ``--out`` must be local. Raises ValueError / FileNotFoundError."""
     from sdxl_jax import workdir
 
-    args.origin = {}  # gs://... -> a copy on this machine's disk; images record the URL
+    args.origin = {}
+    workdir.local_only(args.out, "--out")
+    for name in ("checkpoint", "refiner", "vae"):
+        value = getattr(args, name)
+        if value and workdir.is_remote(value):
+            args.origin[name] = value
+            setattr(args, name, str(workdir.fetch(value)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        workdir.local_only(args.out, "--out")
-        for name in ("checkpoint", "refiner", "vae"):
-            value = getattr(args, name)
-            if value and workdir.is_remote(value):
-                args.origin[name] = value
-                setattr(args, name, str(workdir.fetch(value)))
+        fetch_remote(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
