@@ -49,9 +49,12 @@ def test_pip_install_runs_the_entry_points_from_any_directory(tmp_path):
     )
     assert where.returncode == 0, where.stderr
     assert all(p.startswith(str(venv)) for p in where.stdout.split()), where.stdout
-    for module in ("sdxl_jax.train", "sdxl_jax.sample"):  # absl's --help exits with 1
-        shown = run("-m", module, "--help")
+    for module in ("sdxl_jax.train", "sdxl_jax.sample", "sdxl_jax.compare"):
+        shown = run("-m", module, "--help")  # absl's --help exits with 1
         assert "python -m " + module in shown.stdout and not shown.stderr, shown.stderr
+    page = run("-c", "from importlib import resources; print(resources.files("
+               "'sdxl_jax.compare').joinpath('page.html').read_text()[:15])")  # fmt: skip
+    assert page.stdout.strip() == "<!doctype html>", page.stderr  # package data installed
     # The config comes from the package (the directory has no experiments/): the stage's own
     # checks then refuse it, before anything is built.
     checked = run(

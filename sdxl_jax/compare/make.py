@@ -37,9 +37,10 @@ def side_args(name: str, text: str, prompts: str, out: Path) -> argparse.Namespa
             raise StudyError(f"--{name}: leave out {word.split('=', 1)[0]} (make gives every "
                              "side --prompts and its own folder under --out)")  # fmt: skip
     try:
-        return sample.parse_args([*words, "--prompt-set", prompts, "--out", str(out / name)])
+        args = sample.parse_args([*words, "--prompt-set", prompts, "--out", str(out / name)])
     except SystemExit as e:  # argparse has printed what is wrong
         raise StudyError(f"--{name} {text!r}: not valid python -m sdxl_jax.sample options") from e
+    return args
 
 
 def make(prompts: str, sides: dict[str, str], out: str | Path, *, log: Any = sys.stderr) -> dict:
