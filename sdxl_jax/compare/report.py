@@ -92,36 +92,43 @@ def agreement(votes: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def bradley_terry(
-    votes: list[dict[str, Any]], runs: list[str], *, prior: float = 1.0, tol: float = 1e-12
-) -> np.ndarray:
-    """Bradley-Terry strengths of ``runs`` (geometric mean 1) from ``votes``."""
-    k = len(runs)
+def _wins(votes: list[dict[str, Any]], runs: list[str]) -> np.ndarray:
+    """w[i, j]: wins of run i over run j (a tie is half a win for each)."""
     index = {r: i for i, r in enumerate(runs)}
-    w = np.zeros((k, k))  # w[i, j]: wins of i over j (ties count half to each)
+    w = np.zeros((len(runs), len(runs)))
     for v in votes:
-        if v["choice"] not in SCORE:
-            continue
-        i, j = index[v["run_a"]], index[v["run_b"]]
-        s = SCORE[v["choice"]]
-        w[i, j] += s
-        w[j, i] += 1.0 - s
-    compared = (w + w.T) > 0
-    w += prior / 2 * compared
+        if v["choice"] in SCORE:
+            i, j = index[v["run_a"]], index[v["run_b"]]
+            s = SCORE[v["choice"]]
+            w[i, j] += s
+            w[j, i] += 1.0 - s
+    return w
+
+
+def _fit(w: np.ndarray, prior: float, tol: float = 1e-12) -> np.ndarray:
+    """Hunter's MM iteration for the strengths (geometric mean 1) from the win matrix."""
+    w = w + prior / 2 * ((w + w.T) > 0)
     n = w + w.T
     wins = w.sum(1)
-    p = np.ones(k)
+    p = np.ones(len(w))
     for _ in range(100_000):
         with np.errstate(divide="ignore", invalid="ignore"):
             denom = np.where(n > 0, n / (p[:, None] + p[None, :]), 0.0).sum(1)
             new = np.where(denom > 0, wins / denom, 1.0)
         new = np.maximum(new, 1e-300)
         new /= np.exp(np.log(new).mean())
-        if np.max(np.abs(np.log(new) - np.log(p))) < tol:
-            p = new
-            break
+        done = np.max(np.abs(np.log(new) - np.log(p))) < tol
         p = new
+        if done:
+            break
     return p
+
+
+def bradley_terry(
+    votes: list[dict[str, Any]], runs: list[str], *, prior: float = 1.0
+) -> np.ndarray:
+    """Bradley-Terry strengths of ``runs`` (geometric mean 1) from ``votes``."""
+    return _fit(_wins(votes, runs), prior)
 
 
 def ranking(
@@ -131,17 +138,17 @@ def ranking(
     """Runs from best to worst with strengths, shares and Elo, each with a 95% interval."""
     votes = [v for v in votes if v["choice"] in SCORE]
     p = bradley_terry(votes, runs, prior=prior)
-    items = sorted({v["item"] for v in votes})
     by_item: dict[str, list] = defaultdict(list)
     for v in votes:
         by_item[v["item"]].append(v)
+    per_item = np.array([_wins(vs, runs) for vs in by_item.values()])  # [items, runs, runs]
     rng = np.random.default_rng(seed)
     boots = []
-    for _ in range(n_boot if items else 0):
-        pick = rng.integers(0, len(items), len(items))
-        boots.append(bradley_terry([v for i in pick for v in by_item[items[i]]], runs,
-                                   prior=prior))  # fmt: skip
-    boot = np.array(boots) if boots else np.tile(p, (1, 1))
+    for _ in range(n_boot if len(per_item) else 0):
+        counts = np.bincount(rng.integers(0, len(per_item), len(per_item)),
+                             minlength=len(per_item))  # fmt: skip
+        boots.append(_fit(np.tensordot(counts, per_item, 1), prior))
+    boot = np.array(boots) if boots else p[None]
     share, boot_share = p / p.sum(), boot / boot.sum(1, keepdims=True)
     elo, boot_elo = 1000 + 400 * np.log10(p), 1000 + 400 * np.log10(boot)
     rows = []
@@ -232,7 +239,7 @@ def write(report: dict[str, Any], out: str | Path) -> list[Path]:
 def _bars(report: dict[str, Any]) -> tuple[list[str], list[float], list[float], list[float]]:
     """Overall preference per run, as the paper's Fig. 1 (left): labels, values, lows, highs."""
     runs = report["runs"]
-    label = lambda r: f"{r}: {Path(runs[r]).name}"  # noqa: E731
+    label = lambda r: f"{r} ({'/'.join(Path(runs[r]).parts[-2:])})"  # noqa: E731
     if "ranking" in report:
         rows = report["ranking"]
         return ([label(r["run"]) for r in rows], [r["share"] for r in rows],
@@ -257,11 +264,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     labels, values, lows, highs = _bars(report)
     y = np.arange(len(values))
     err = [np.subtract(values, lows), np.subtract(highs, values)]
-    ax.barh(y, np.multiply(values, 100), xerr=np.multiply(err, 100), color="#4c72b0", capsize=4)
+    ax.barh(y, np.multiply(values, 100), 0.6, xerr=np.multiply(err, 100), color="#4c72b0",
+            capsize=4)  # fmt: skip
     ax.set_yticks(y, labels)
     ax.invert_yaxis()
-    for i, v in enumerate(values):
-        ax.text(100 * v + 1, i, f"{100 * v:.1f}%", va="center", fontsize=9)
+    for i, (v, hi) in enumerate(zip(values, highs, strict=True)):
+        ax.text(100 * hi + 2, i, f"{100 * v:.1f}%", va="center", fontsize=9)
     ax.set_xlim(0, 100)
     ax.set_xlabel("preferred (%) with 95% interval")
     ax.set_title(f"{report['votes'] - report['skips']} votes, {len(report['voters'])} voters")

@@ -28,7 +28,7 @@ def write_run(folder: Path, name: str, *, prompts=PROMPTS, seed: int = 0, num_im
     for text, category in prompts:
         for k in range(num_images):
             img = np.zeros((size, size, 3), np.uint8) + np.array(COLOURS[name], np.uint8)
-            img[0, 0] = (index, k, 7)  # images differ from each other, not in colour
+            img[0, 0] = (index % 256, index // 256 % 256, k)  # images differ, not in colour
             params = dict(
                 index=index, prompt=text, negative_prompt=None, image_of_prompt=k, seed=seed,
                 noise=None, height=size, width=size, steps=4, sampler="euler", karras=False,
