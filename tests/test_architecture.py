@@ -104,11 +104,26 @@ RULES = (
         exempt=frozenset({"sdxl_jax.train.__main__"}),
     ),
     Rule(
-        tuple(f"sdxl_jax.{m}" for m in (
-            "models", "weights", "data", "diffusion", "conditioning", "inference", "train",
-            "eval", "sample", "convert", "plan", "checkpoint", "sharding", "distributed",
-            "workdir",
-        )),
+        tuple(
+            f"sdxl_jax.{m}"
+            for m in (
+                "models",
+                "weights",
+                "data",
+                "diffusion",
+                "conditioning",
+                "inference",
+                "train",
+                "eval",
+                "sample",
+                "convert",
+                "plan",
+                "checkpoint",
+                "sharding",
+                "distributed",
+                "workdir",
+            )
+        ),
         ("sdxl_jax.compare",),
         "compare/ (the preference study) is an entry point over sample's output folders; "
         "nothing builds on it",

@@ -206,3 +206,24 @@ def test_png_filter_keeps_pixels_and_refuses_what_is_not_png():
     for bad in (b"GIF89a....", buf.getvalue()[:40]):
         with pytest.raises(ValueError):
             server_lib.png_pixels_only(bad)
+
+
+def test_listening_beyond_this_machine_warns(tmp_path):
+    import subprocess
+    import sys
+
+    runs = {n: write_run(tmp_path / n, n) for n in ("a", "b")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdxl_jax.compare", "serve", "--a", str(runs["a"]), "--b",
+         str(runs["b"]), "--votes", str(tmp_path / "v.sqlite"), "--host", "0.0.0.0",
+         "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("voting page: http://0.0.0.0:"), line
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    assert "warning: --host 0.0.0.0 lets anyone who reaches this machine vote" in err
+    assert "4 matched images x 1 pair of runs = 4 votes per voter" in err
