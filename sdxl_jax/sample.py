@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from sdxl_jax.diffusion.schedule import KARRAS_SAMPLERS, SAMPLERS, SPACINGS
-from sdxl_jax.inference.generate import DTYPES, Models, Request, UsageError
+from sdxl_jax.inference.generate import DTYPES, Models, NonFiniteError, Request, UsageError
 
 # A manifest entry's settings, in order (then "file").
 RECORD_KEYS = (
@@ -190,7 +190,12 @@ def read_image(path: str, height: int | None, width: int | None) -> np.ndarray:
 
     try:
         img = ImageOps.exif_transpose(Image.open(path))
+        if img.mode in ("F", "I"):  # float / int32 images (TIFF): NaN or inf are no pixels
+            if not np.isfinite(np.asarray(img, np.float64)).all():
+                raise UsageError(f"--init-image {path} holds NaN or inf pixels")
     except (OSError, ValueError) as e:
+        if isinstance(e, UsageError):
+            raise
         raise UsageError(f"--init-image {path}: cannot read it as an image ({e})") from e
     if img.mode in ("RGBA", "LA", "P"):
         img = img.convert("RGBA")
@@ -202,6 +207,25 @@ def read_image(path: str, height: int | None, width: int | None) -> np.ndarray:
     if size != img.size:
         img = img.resize(size, Image.Resampling.LANCZOS)
     return np.asarray(img, np.uint8)
+
+
+def read_noise(path: str) -> np.ndarray:
+    """``--noise``: a float .npy array, every value finite (never unpickled)."""
+    if not Path(path).is_file():
+        raise UsageError(f"--noise {path} does not exist")
+    try:
+        noise = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        what = "an object array" if "Object arrays" in str(e) else "not a .npy array"
+        raise UsageError(f"--noise {path} is {what}; save float32 latents with np.save") from None
+    if not isinstance(noise, np.ndarray) or noise.dtype.kind != "f":
+        raise UsageError(f"--noise {path} holds {getattr(noise, 'dtype', type(noise))}, "
+                         "not floats; save float32 latents with np.save")  # fmt: skip
+    if not np.isfinite(noise).all():
+        bad = int(noise.size - np.isfinite(noise).sum())
+        raise UsageError(f"--noise {path} holds {bad} NaN or inf values; initial latents must "
+                         "be finite")  # fmt: skip
+    return noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +244,9 @@ def validate(args: argparse.Namespace) -> Job:
     """Everything checkable from arguments and configs, before weights load or code compiles."""
     from sdxl_jax.inference.generate import check_models, make_request
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (created if missing)")
     prompt_set = read_prompts(args)
     spec = eval_spec(args, prompt_set)
     if args.batch_size is not None and args.batch_size < 1:
@@ -235,7 +262,7 @@ def validate(args: argparse.Namespace) -> Job:
         if not Path(args.init_image).exists():
             raise UsageError(f"--init-image {args.init_image} does not exist")
         image = read_image(args.init_image, args.height, args.width)
-    noise = np.load(args.noise) if args.noise else None
+    noise = read_noise(args.noise) if args.noise else None
     options = dict(
         negative_prompt=args.negative_prompt, num_images=args.num_images, height=args.height,
         width=args.width, steps=args.steps, sampler=args.sampler, karras=args.karras,
@@ -314,17 +341,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             request=job.options, settings=settings, image_params=params,
         )  # fmt: skip
     folder = ImageFolder(args.out, grid=not args.no_grid)
-    batch_s = []
+    batch_s, nonfinite = [], []
     for batch in gen.batches(job.request):
-        for img, rec in zip(batch.images, batch.records, strict=True):
-            folder.write(img, params(rec))
+        for img, rec, ok in zip(batch.images, batch.records, batch.finite, strict=True):
+            if ok:
+                folder.write(img, params(rec))
+            else:  # no PNG: its pixels would be black, not an image
+                nonfinite.append(rec["index"])
         batch_s.append(batch.seconds)
-    return folder.finish(
+    manifest = folder.finish(
         settings=settings,
         devices=[str(d) for d in gen.mesh.devices.flat],
         dtype=str(jnp.dtype(gen.dtype)),
         timings=gen.timings(batch_s, t_start),
+        nonfinite=nonfinite,
     )
+    if nonfinite:
+        raise NonFiniteError(nonfinite)
+    return manifest
 
 
 def summary(manifest: dict[str, Any], out: str) -> str:
@@ -371,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}; the finite images and manifest.json are in {args.out}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     print(summary(manifest, args.out), file=sys.stderr)
     return 0
 

@@ -30,6 +30,7 @@ SKIP_REASONS = images.SKIP_REASONS + (
     "read_error",
     "missing_caption",
     "empty_caption",
+    "caption_not_utf8",
     "aspect_out_of_range",
     "too_small",
     "duplicate_key",

@@ -13,9 +13,10 @@ from sdxl_jax.data.readers import (
     RecordError,
     Source,
     SourceError,
+    _caption_text,
     _digest,
     _read_file,
-    _text,
+    why_unusable,
 )
 
 KOHYA_FOLDER = re.compile(r"(\d+)_(.*)")
@@ -34,7 +35,8 @@ class FolderSource(Source):
         super().__init__(kind, location, options)
         self.root = Path(location).expanduser()
         if not self.root.is_dir():
-            raise SourceError(f"folder source {location!r} is not a directory")
+            why = why_unusable(self.root, "directory")
+            raise SourceError(f"folder source {location!r} {why}")
         self.caption_ext = options.get("caption_ext", ".txt")
         self.caption = options.get("caption")
         layout = options.get("layout", "flat")
@@ -80,7 +82,7 @@ class FolderSource(Source):
         caption_path = (self.root / rel).with_suffix(self.caption_ext)
         repeats, tokens = self.folders.get(rel.partition("/")[0], (1, self.caption))
         try:
-            captions = [_text(caption_path.read_bytes())]
+            captions = [_caption_text(caption_path.read_bytes(), str(caption_path))]
         except FileNotFoundError:
             captions = None if tokens is None else [tokens]
         except OSError as e:

@@ -57,6 +57,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import zlib
 from collections import Counter
@@ -290,6 +291,26 @@ def _clear(out: Path, *, staging: bool) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+def _check_writable(out: Path) -> None:
+    """``--out`` is a folder (or can become one) that this process can write in."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder (new or empty)")
+    probe = out
+    while not probe.exists():
+        if probe.is_symlink():
+            raise FileExistsError(f"--out {out}: {probe} is a broken or looping symlink")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FileExistsError(f"--out {out}: {probe} is a file, not a folder")
+    try:  # a file written is the real test (os.access says yes to root everywhere)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"--out {out}: cannot write in {probe} ({e.strerror}); choose a writable folder"
+        ) from None
+
+
 def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool) -> Path:
     """Create or reuse DIR; returns DIR/.staging, refusing to mix runs with other settings."""
     staging = out / STAGING
@@ -350,6 +371,10 @@ def prepare(
     See the module docstring for what is stored and which records are skipped.
     """
     t0 = time.perf_counter()
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"--max-examples {max_examples}: give at least 1 (or leave it out)")
+    if not workdir_lib.is_remote(out):
+        _check_writable(Path(out))
     opts = Options(
         tuple(bucket_sets), on_aspect, aspect_tolerance, on_empty_caption, min_side, verify,
         chunk_size,

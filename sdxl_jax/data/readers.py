@@ -9,6 +9,7 @@ picklable (lists of paths / offsets), and file handles are opened lazily per pro
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import hashlib
 import io
@@ -77,6 +78,21 @@ class Source:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_cache")}
 
 
+def why_unusable(path: Path, want: str) -> str:
+    """Why ``path`` is not the ``want`` ("directory" / "file") it should be, in a few words."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symlink loop (the link leads back to itself)"
+        if path.is_symlink():
+            return f"is a broken symlink (to {os.readlink(path)}, which does not exist)"
+        if e.errno == errno.ENOENT:
+            return "does not exist"
+        return f"cannot be read ({e.strerror})"
+    return f"is not a {want}"
+
+
 def _read_file(path: Path, what: str = "image") -> bytes:
     try:
         return path.read_bytes()
@@ -90,12 +106,23 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8-sig", errors="replace")
 
 
+def _caption_text(data: bytes, where: str = "caption") -> str:
+    """A caption's bytes as text; not UTF-8 is a skip reason (``caption_not_utf8``), counted in
+    the report, rather than a caption with replacement characters trained on silently."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RecordError(
+            "caption_not_utf8", f"{where}: not UTF-8 at byte {e.start}; re-encode it as UTF-8"
+        ) from None
+
+
 def _captions(value: Any) -> list[str] | None:
     """A caption cell -> list of captions (None when absent)."""
     if value is None:
         return None
     if isinstance(value, bytes):
-        return [_text(value)]
+        return [_caption_text(value)]
     if isinstance(value, str):
         return [value]
     if isinstance(value, np.ndarray | list | tuple):
@@ -134,7 +161,7 @@ class ManifestSource(Source):
         super().__init__(kind, location, options)
         self.path = Path(location).expanduser()
         if not self.path.is_file():
-            raise SourceError(f"{kind} manifest {location!r} is not a file")
+            raise SourceError(f"{kind} manifest {location!r} {why_unusable(self.path, 'file')}")
         self.root = Path(options.get("root", self.path.parent)).expanduser()
         rows, columns = self._read_rows()  # rows: dict per row, or an error string (bad line)
         if not columns:
@@ -357,7 +384,7 @@ class WebDatasetSource(Source):
             data = self._read(s, image[0], image[1])
             captions = None
             if caption is not None:
-                text = _text(self._read(s, caption[0], caption[1]))
+                text = _caption_text(self._read(s, caption[0], caption[1]), f"{key}.{caption[2]}")
                 captions = [text] if caption[2] == "txt" else self._json_captions(text)
         except OSError as e:
             raise RecordError("read_error", f"{self.shards[s]}: {key}: {e}") from None

@@ -77,7 +77,15 @@ def load(spec: str | Path) -> PromptSet:
         return _dataset(path)
     if not path.is_file():
         raise PromptSetError(f"prompt set {path} does not exist")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise PromptSetError(
+            f"{path} is not UTF-8 text (byte {e.start}, line {line}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise PromptSetError(f"cannot read prompt set {path} ({e.strerror})") from None
     if path.suffix.lower() == ".tsv":
         prompts = _table(path, text, "\t", ("Prompt",), "parti")
         kind = "parti"

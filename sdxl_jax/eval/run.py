@@ -198,6 +198,10 @@ def evaluate_generation(
         batch_s, score_s = [], 0.0
         t0 = time.perf_counter()
         for batch in generator.batches(req):
+            if not batch.finite.all():  # black images would be scored as if they were samples
+                from sdxl_jax.inference.generate import NonFiniteError
+
+                raise NonFiniteError(np.asarray(batch.indices)[~batch.finite].tolist())
             batch_s.append(batch.seconds)
             for img, rec in zip(batch.images, batch.records, strict=True):
                 folder.write(img, image_params(rec) if image_params else rec)

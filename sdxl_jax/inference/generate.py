@@ -234,6 +234,20 @@ class Batch:
     images: np.ndarray  # uint8 [n, H, W, 3]
     records: list[dict[str, Any]]
     seconds: float  # wall time of the batch (the first includes compilation)
+    finite: np.ndarray  # bool [n]: False where the final latents hold NaN or inf (image void)
+
+
+class NonFiniteError(RuntimeError):
+    """Images whose latents came out NaN or inf: their pixels mean nothing."""
+
+    def __init__(self, indices: Sequence[int]):
+        self.indices = list(indices)
+        super().__init__(
+            f"{len(self.indices)} image(s) came out non-finite (NaN or inf latents; indices "
+            f"{self.indices[:8]}{' ...' if len(self.indices) > 8 else ''}): try --dtype fp32, "
+            "another sampler or fewer steps, and check the checkpoint with "
+            "python -m sdxl_jax.convert inspect"
+        )
 
 
 @dataclasses.dataclass
@@ -308,17 +322,22 @@ class Generator:
                 idx = list(range(start, min(start + self.batch_size, len(jobs))))
                 # Padded with the last image: one compiled shape for every batch.
                 full = idx + [idx[-1]] * (self.batch_size - len(idx))
-                images = self._run(request, [jobs[i][0] for i in full], full)[: len(idx)]
+                images, finite = self._run(request, [jobs[i][0] for i in full], full)
                 records = [self._record(request, i, *jobs[i]) for i in idx]
                 bar.update(len(idx))
-                yield Batch(idx, images, records, time.perf_counter() - t0)
+                n = len(idx)
+                yield Batch(idx, images[:n], records, time.perf_counter() - t0, finite[:n])
         finally:
             bar.close()
 
     def __call__(self, request: Request) -> Generation:
-        """Run ``request``; all images in memory (use :meth:`batches` for large runs)."""
+        """Run ``request``; all images in memory (use :meth:`batches` for large runs).
+        Raises :class:`NonFiniteError` if any image's latents came out NaN or inf."""
         t0 = time.perf_counter()
         done = list(self.batches(request))
+        bad = [i for b in done for i, ok in zip(b.indices, b.finite, strict=True) if not ok]
+        if bad:
+            raise NonFiniteError(bad)
         return Generation(
             images=np.concatenate([b.images for b in done]),
             records=[r for b in done for r in b.records],
@@ -337,8 +356,11 @@ class Generator:
             total_s=round(time.perf_counter() - started, 3),
         )
 
-    def _run(self, r: Request, prompts: list[str], full: list[int]) -> np.ndarray:
-        """uint8 images [batch, H, W, 3] of the padded batch ``full`` (image indices)."""
+    def _run(
+        self, r: Request, prompts: list[str], full: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images [batch, H, W, 3] of the padded batch ``full`` (image indices), and
+        whether each one's final latents are finite."""
         from sdxl_jax.inference import runtime
 
         f = self.models.factor
@@ -364,7 +386,8 @@ class Generator:
             rcond = self.refiner.conditioning(prompts, negs, r.height, r.width, r.use_cfg, **micro)
             keys = runtime.image_keys(r.seed, 2, full)
             x = self.refiner.denoise(x, r.refiner_steps, rcond, r.guidance, keys)
-        return self.vae.decode(x)
+        finite = np.isfinite(np.asarray(x)).reshape(len(full), -1).all(axis=1)
+        return self.vae.decode(x), finite
 
     def _record(self, r: Request, index: int, prompt: str, k: int) -> dict[str, Any]:
         """The settings of image ``index`` (the PNG text chunk and manifest entry)."""

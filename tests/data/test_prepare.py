@@ -421,7 +421,7 @@ def test_caption_tokens_exact_with_a_tokenizer_else_estimated(tmp_path):
         ("folder:", "names no location"),
         ("no-colon", "must be KIND:LOCATION"),
         ("synthetic:ten", "synthetic:N"),
-        ("folder:/does/not/exist", "is not a directory"),
+        ("folder:/does/not/exist", "does not exist"),
         ("jsonl:/x.jsonl?colour=red", "options"),
     ],
 )
