@@ -579,6 +579,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{PROG}: interrupted; checked chunks stay in {staging}: {resume}", file=sys.stderr)
         return 130
     print(format_summary(report, args.out))
+    if report["totals"]["written"] == 0:
+        print(f"{PROG}: error: no record passed the checks (skip reasons above): the dataset "
+              f"in {args.out} is empty; fix the source and rerun with --overwrite",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -82,3 +82,14 @@ def test_webdataset_and_manifest_captions_too(caption, tmp_path):
     report = prepare.prepare(f"webdataset:{tmp_path / 'shard.tar'}", tmp_path / "ds", workers=1,
                              progress=False)  # fmt: skip
     assert report["skipped"]["caption_not_utf8"] == 1 and report["totals"]["written"] == 1
+
+
+def test_a_source_whose_every_record_is_skipped_fails(tmp_path, capsys):
+    root = tmp_path / "junk"
+    root.mkdir()
+    (root / "a.png").write_bytes(b"not an image")
+    (root / "a.txt").write_text("a caption")
+    assert main(["--source", f"folder:{root}", "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "not_an_image" in captured.out
+    assert "no record passed the checks" in captured.err
