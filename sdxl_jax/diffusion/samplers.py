@@ -19,21 +19,40 @@ import jax.numpy as jnp
 from sdxl_jax.diffusion.schedule import SamplerSteps
 
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-Arrays = dict[str, jax.Array]  # SamplerSteps.arrays(): t, sigma, sigma_next [n] f32, order [n] i32
+# SamplerSteps.arrays(): t, sigma, sigma_next [n] f32, order [n] i32, clip [] f32, threshold [2] f32
+Arrays = dict[str, jax.Array]
 
 
 def _vp_scale(sigma: jax.Array) -> jax.Array:
     return jax.lax.rsqrt(1.0 + sigma * sigma)  # alpha = sqrt(alpha_bar)
 
 
+def _limit_x0(x0: jax.Array, p: Arrays) -> jax.Array:
+    """The predicted x0 clipped to [-clip, clip] (diffusers' clip_sample; inf: unchanged), or
+    dynamically thresholded (Saharia et al. 2022, "Imagen", sec. 2.3; diffusers' thresholding):
+    per sample, s = the quantile of |x0| clamped to [1, max]; x0 -> clip(x0, -s, s) / s."""
+    q, top = p["threshold"][0], p["threshold"][1]
+
+    def threshold(x0):
+        flat = jnp.abs(x0.reshape(x0.shape[0], -1)) if x0.ndim > 1 else jnp.abs(x0)[:, None]
+        s = jnp.minimum(jnp.maximum(jnp.quantile(flat, q, axis=1), 1.0), top)
+        s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+        return jnp.clip(x0, -s, s) / s
+
+    x0 = jnp.clip(x0, -p["clip"], p["clip"])
+    return jax.lax.cond(q >= 0, threshold, lambda x: x, x0)
+
+
 def ddim(denoise: Denoiser, x: jax.Array, p: Arrays, key: jax.Array | None = None) -> jax.Array:
     """Deterministic DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eta = 0).
 
-    x_prev = sqrt(abar_prev) * x0 + sqrt(1 - abar_prev) * eps, on the VP state.
+    x_prev = sqrt(abar_prev) * x0 + sqrt(1 - abar_prev) * eps, on the VP state, with x0 clipped
+    or thresholded as the plan says.
     """
 
     def body(i, x):
         x0, eps = denoise(x, p["t"][i], p["sigma"][i])
+        x0 = _limit_x0(x0, p)  # eps stays the model's (use_clipped_model_output=False)
         a_next = _vp_scale(p["sigma_next"][i])
         return a_next * x0 + p["sigma_next"][i] * a_next * eps
 
@@ -90,7 +109,7 @@ def dpmpp_2m(denoise: Denoiser, x: jax.Array, p: Arrays, key: jax.Array | None =
     def body(i, carry):
         x, x0_prev, s_prev = carry
         s, s_next = p["sigma"][i], p["sigma_next"][i]
-        x0, _ = denoise(x, p["t"][i], s)
+        x0 = _limit_x0(denoise(x, p["t"][i], s)[0], p)
         a_next = _vp_scale(s_next)
         ratio = s_next / s  # e^-h; exactly 0 onto sigma = 0
         h = jnp.log(s) - jnp.log(jnp.maximum(s_next, 1e-30))

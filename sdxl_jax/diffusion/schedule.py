@@ -13,29 +13,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m")
+from sdxl_jax.diffusion.scheduler_config import (
+    COMMON_DEFAULTS,
+    SAMPLER_CLASSES,
+    check_common,
+    given,
+    resolve,
+)
+
+SAMPLERS = tuple(SAMPLER_CLASSES)  # ("ddim", "euler", "euler_a", "dpmpp_2m")
 SPACINGS = ("leading", "trailing", "linspace")
 # Samplers whose state is variance preserving (diffusers: init_noise_sigma == 1).
 VP_SAMPLERS = ("ddim", "dpmpp_2m")
 KARRAS_SAMPLERS = ("euler", "dpmpp_2m")
-# diffusers scheduler settings that change sampling, with the only value implemented here.
-UNSUPPORTED_SCHEDULER_SETTINGS = {
-    "interpolation_type": "linear",
-    "timestep_type": "discrete",
-    "final_sigmas_type": "zero",
-    "rescale_betas_zero_snr": False,
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
-    "use_lu_lambdas": False,
-    "clip_sample": False,
-    "thresholding": False,
-    "set_alpha_to_one": False,
-}
 
 
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (EulerDiscrete). The
@@ -58,20 +54,49 @@ SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
     "trained_betas": None,
     "use_karras_sigmas": False,
 }
+# The settings NoiseSchedule holds as fields; it keeps the rest of a config as ``options``.
+_FIELDS = (
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+    "timestep_spacing", "steps_offset", "use_karras_sigmas",
+)  # fmt: skip
+
+
+def _split(config: dict[str, Any]) -> tuple[dict[str, Any], tuple[tuple[str, Any], ...]]:
+    """(NoiseSchedule's fields, the other settings as sorted (key, value) pairs) of a config.
+    Absent settings that every class defaults alike take that default; timestep_spacing, whose
+    default differs between classes, stays None (each sampler's class default)."""
+    cfg = given(config)
+    check_common(cfg)
+    for key in ("trained_betas", "rescale_betas_zero_snr"):  # refused above unless the default
+        cfg.pop(key, None)
+    fields = {k: cfg.pop(k, COMMON_DEFAULTS.get(k)) for k in _FIELDS}
+    fields["use_karras_sigmas"] = bool(fields["use_karras_sigmas"])
+    frozen = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731 (hashable)
+    return fields, tuple(sorted((k, frozen(v)) for k, v in cfg.items()))
+
+
+_SDXL_OPTIONS = _split(SDXL_SCHEDULER_CONFIG)[1]
 
 
 @dataclasses.dataclass(frozen=True)
 class NoiseSchedule:
-    """The training noise schedule; SDXL's is ``scaled_linear`` 0.00085 -> 0.012 over 1000."""
+    """The training noise schedule (SDXL's: ``scaled_linear`` 0.00085 -> 0.012 over 1000) and the
+    scheduler settings sampling reads, SDXL's published ones by default.
+
+    ``timestep_spacing=None``: each sampler's diffusers class default (DDIM: leading, the others:
+    linspace). ``options``: the config's other settings, as given; a sampler reads those its
+    diffusers class reads and takes that class's defaults for the absent ones (:func:`resolve`).
+    """
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     prediction_type: str = "epsilon"
-    timestep_spacing: str = "leading"
+    timestep_spacing: str | None = "leading"
     steps_offset: int = 1
     use_karras_sigmas: bool = False
+    options: tuple[tuple[str, Any], ...] = _SDXL_OPTIONS
 
     def __post_init__(self) -> None:
         if self.beta_schedule not in ("scaled_linear", "linear"):
@@ -84,25 +109,15 @@ class NoiseSchedule:
                 f"prediction_type {self.prediction_type!r} is not supported: use epsilon or "
                 f"v_prediction"
             )
-        if self.timestep_spacing not in SPACINGS:
+        if self.timestep_spacing not in (*SPACINGS, None):
             raise ValueError(f"timestep_spacing {self.timestep_spacing!r}: use one of {SPACINGS}")
 
     @classmethod
     def from_scheduler_config(cls, d: dict[str, Any]) -> NoiseSchedule:
-        """From a diffusers ``scheduler_config.json`` (any of its scheduler classes)."""
-        if d.get("trained_betas") is not None:
-            raise ValueError("scheduler config has trained_betas; sdxl_jax needs a beta_schedule")
-        changed = {
-            k: d[k] for k, ok in UNSUPPORTED_SCHEDULER_SETTINGS.items() if k in d and d[k] != ok
-        }
-        if changed:
-            raise ValueError(
-                f"scheduler_config.json sets {changed}, which sdxl_jax's samplers do not "
-                f"implement (they would sample differently from diffusers); supported values: "
-                f"{ {k: UNSUPPORTED_SCHEDULER_SETTINGS[k] for k in changed} }"
-            )
-        keys = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in keys})
+        """From a diffusers ``scheduler_config.json`` (any of its scheduler classes); a value no
+        sampler implements (trained_betas, rescale_betas_zero_snr, ...) raises ValueError."""
+        fields, options = _split(d)
+        return cls(**fields, options=options)
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path) -> NoiseSchedule:
@@ -111,6 +126,19 @@ class NoiseSchedule:
         if Path(folder).is_dir() and path.exists():
             return cls.from_scheduler_config(json.loads(path.read_text()))
         return cls()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The scheduler settings given (an absent timestep_spacing stays absent)."""
+        d = {**dict(self.options), **{k: getattr(self, k) for k in _FIELDS}}
+        if self.timestep_spacing is None:
+            del d["timestep_spacing"]
+        return d
+
+    def settings(self, sampler: str, **overrides: Any) -> dict[str, Any]:
+        """Every setting of ``sampler``'s diffusers class as ``Class.from_config(config,
+        **overrides)`` has it; ValueError for a value the sampler does not implement."""
+        return resolve({**self.config, **overrides}, sampler)
 
     @property
     def alphas_cumprod(self) -> np.ndarray:  # [T] float64
@@ -175,6 +203,8 @@ class SamplerSteps:
     Step i calls the model at timestep ``t[i]`` on a state at noise level ``sigma[i]`` and moves
     it to ``sigma_next[i]``. ``order[i]`` is DPM-Solver's order for the step (1 or 2).
     ``init_scale`` multiplies unit noise to start from pure noise (diffusers' init_noise_sigma).
+    ``clip``: DDIM's clip_sample, predicted x0 clipped to [-clip, clip] (inf: not clipped);
+    ``threshold``: (quantile, max) of dynamic thresholding (DDIM, DPM++), None: off.
     """
 
     sampler: str
@@ -183,6 +213,9 @@ class SamplerSteps:
     sigma_next: np.ndarray
     order: np.ndarray
     init_scale: float
+    karras: bool = False
+    clip: float = math.inf
+    threshold: tuple[float, float] | None = None
 
     @property
     def steps(self) -> int:
@@ -194,12 +227,14 @@ class SamplerSteps:
         return self.sampler in VP_SAMPLERS
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """float32 arrays for the compiled loop."""
+        """float32 arrays for the compiled loop (one program whatever clip / threshold are)."""
         return {
             "t": self.t.astype(np.float32),
             "sigma": self.sigma.astype(np.float32),
             "sigma_next": self.sigma_next.astype(np.float32),
             "order": self.order.astype(np.int32),
+            "clip": np.float32(self.clip),  # []
+            "threshold": np.array(self.threshold or (-1.0, 1.0), np.float32),  # [2]; < 0: off
         }
 
     def noised(self, x0: np.ndarray, noise: np.ndarray) -> np.ndarray:
@@ -222,19 +257,25 @@ def sampler_steps(
 ) -> SamplerSteps:
     """The timesteps of ``steps`` sampling steps, windowed for img2img or a hand-off.
 
-    ``strength`` (img2img) keeps the last ``int(steps * strength)`` steps. ``denoising_end``
-    (base before a refiner) keeps the steps at t >= T * (1 - end); ``denoising_start`` (the
-    refiner) keeps the steps below that cutoff, as diffusers' SDXL pipelines do.
+    Settings as diffusers' scheduler for ``sampler`` built with ``from_config`` from the
+    schedule's config; ``spacing`` / ``karras=True`` override its timestep_spacing /
+    use_karras_sigmas. ``strength`` (img2img) keeps the last ``int(steps * strength)`` steps.
+    ``denoising_end`` (base before a refiner) keeps the steps at t >= T * (1 - end);
+    ``denoising_start`` (the refiner) keeps the steps below that cutoff, as diffusers' SDXL
+    pipelines do.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     if karras and sampler not in KARRAS_SAMPLERS:
         raise ValueError(f"Karras sigmas are available for {KARRAS_SAMPLERS}, not {sampler}")
-    spacing = spacing or schedule.timestep_spacing
-    t, sigma, sigma_next = _full_steps(schedule, sampler, steps, spacing, karras)
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}: use one of {SPACINGS}")
+    over = {"timestep_spacing": spacing} if spacing else {}
+    s = schedule.settings(sampler, **over, **({"use_karras_sigmas": True} if karras else {}))
+    t, sigma, sigma_next = _full_steps(schedule, sampler, steps, s)
     if sampler in VP_SAMPLERS:
         init_scale = 1.0
-    elif spacing in ("linspace", "trailing"):
+    elif s["timestep_spacing"] in ("linspace", "trailing"):
         init_scale = float(sigma.max())
     else:
         init_scale = float(np.sqrt(sigma.max() ** 2 + 1))
@@ -242,20 +283,37 @@ def sampler_steps(
     start, stop = _window(
         t, steps, schedule.num_train_timesteps, strength, denoising_start, denoising_end
     )
-    # DPM-Solver++(2M) restarts at first order and ends at first order onto sigma = 0.
-    order = np.full(n, 2)
+    # DPM-Solver's step(): first order at a run's first step and, as set, at the last.
+    order = np.full(n, s.get("solver_order", 2))
     order[start] = 1
-    order[n - 1] = 1
+    if (
+        s.get("euler_at_final")
+        or (s.get("lower_order_final", True) and n < 15)
+        or s.get("final_sigmas_type", "zero") == "zero"
+    ):
+        order[n - 1] = 1
+    clip, threshold = math.inf, None
+    if s.get("thresholding"):  # before clip_sample, as in DDIMScheduler.step
+        threshold = (float(s["dynamic_thresholding_ratio"]), float(s["sample_max_value"]))
+    elif s.get("clip_sample"):
+        clip = float(s["clip_sample_range"])
     sl = slice(start, stop)
-    return SamplerSteps(sampler, t[sl], sigma[sl], sigma_next[sl], order[sl], init_scale)
+    karras = bool(s.get("use_karras_sigmas"))
+    return SamplerSteps(
+        sampler, t[sl], sigma[sl], sigma_next[sl], order[sl], init_scale, karras, clip, threshold
+    )
 
 
 def _full_steps(
-    schedule: NoiseSchedule, sampler: str, steps: int, spacing: str, karras: bool
+    schedule: NoiseSchedule, sampler: str, steps: int, s: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(t, sigma, sigma_next) [steps] of a whole run, before any img2img or hand-off window."""
+    """(t, sigma, sigma_next) [steps] of a whole run, before any img2img or hand-off window;
+    ``s``: the sampler's settings (NoiseSchedule.settings)."""
     n_train = schedule.num_train_timesteps
     all_sigmas = schedule.sigmas
+    spacing, karras = s["timestep_spacing"], s.get("use_karras_sigmas", False)
+    # The last step goes to sigma = 0, or to sigma(t=0) (final_sigmas_type="sigma_min").
+    last = all_sigmas[0] if s.get("final_sigmas_type") == "sigma_min" else 0.0
     if sampler == "ddim":
         t = schedule.timesteps(steps, spacing).round()
         if t.max() >= n_train:
@@ -265,23 +323,30 @@ def _full_steps(
             )
         prev = t - n_train // steps
         sigma = all_sigmas[t.astype(int)]
-        # DDIM steps to t - T // steps; below 0 to alpha_bar[0] (set_alpha_to_one=False).
-        sigma_next = np.where(prev >= 0, all_sigmas[np.maximum(prev, 0).astype(int)], all_sigmas[0])
+        # DDIM steps to t - T // steps; below 0 to alpha_bar = 1 (set_alpha_to_one) or [0].
+        final = 0.0 if s["set_alpha_to_one"] else all_sigmas[0]
+        sigma_next = np.where(prev >= 0, all_sigmas[np.maximum(prev, 0).astype(int)], final)
         return t, sigma, sigma_next
     if sampler == "dpmpp_2m":
         if karras:
-            sig = karras_sigmas(all_sigmas[-1], all_sigmas[0], steps)
+            sig = karras_sigmas(*_karras_range(s, all_sigmas[-1], all_sigmas[0]), steps)
             t = schedule.t_at(sig).round()
         else:
             t = schedule.timesteps(steps, spacing, plus_one=True).round()
             sig = schedule.sigma_at(t)
-        return t, sig, np.append(sig[1:], 0.0)
+        return t, sig, np.append(sig[1:], last)
     t = schedule.timesteps(steps, spacing)
     sig = schedule.sigma_at(t)
     if karras:
-        sig = karras_sigmas(sig[0], sig[-1], steps)
+        sig = karras_sigmas(*_karras_range(s, sig[0], sig[-1]), steps)
         t = schedule.t_at(sig)
-    return t, sig, np.append(sig[1:], 0.0)
+    return t, sig, np.append(sig[1:], last)
+
+
+def _karras_range(s: dict[str, Any], sigma_max: float, sigma_min: float) -> tuple[float, float]:
+    """(sigma_max, sigma_min) of Karras sigmas: the config's, where it sets them."""
+    hi, lo = s.get("sigma_max"), s.get("sigma_min")
+    return (sigma_max if hi is None else hi), (sigma_min if lo is None else lo)
 
 
 def _window(

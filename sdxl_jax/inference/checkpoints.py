@@ -10,16 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from sdxl_jax.diffusion.schedule import NoiseSchedule
+from sdxl_jax.diffusion.scheduler_config import SAMPLER_CLASSES
 from sdxl_jax.weights import diffusers_io, formats, single_file
 from sdxl_jax.weights.safetensors_io import TensorSource
 
 # diffusers scheduler classes -> our sampler names (a checkpoint's default sampler).
-SCHEDULER_SAMPLERS = {
-    "DDIMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-}
+SCHEDULER_SAMPLERS = {cls: sampler for sampler, cls in SAMPLER_CLASSES.items()}
 
 
 @dataclasses.dataclass(frozen=True)

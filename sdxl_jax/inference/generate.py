@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sdxl_jax.data.buckets import SDXL_BUCKETS
-from sdxl_jax.diffusion.schedule import KARRAS_SAMPLERS, SamplerSteps, sampler_steps
+from sdxl_jax.diffusion.schedule import SamplerSteps, sampler_steps
 
 if TYPE_CHECKING:  # the checks import the weight readers (flax): only when a command runs
     from sdxl_jax.inference.checkpoints import StageInfo
@@ -168,8 +168,7 @@ def make_request(
     from sdxl_jax.inference.checkpoints import default_sampler
 
     sampler = sampler or default_sampler(base.path)
-    # The checkpoint's scheduler may ask for Karras sigmas (diffusers honours it; so do we).
-    karras = karras or (base.schedule.use_karras_sigmas and sampler in KARRAS_SAMPLERS)
+    # Each stage's scheduler config may ask for Karras sigmas (and more): sampler_steps reads it.
     kw = dict(spacing=spacing, karras=karras)
     img2img = init_image is not None
     try:
@@ -185,6 +184,7 @@ def make_request(
             )
     except ValueError as e:
         raise UsageError(str(e)) from e
+    karras = base_steps.karras
     if noise is not None:
         f, c = models.factor, base.configs["unet"].in_channels
         want = (len(prompts) * num_images, c, height // f, width // f)

@@ -34,8 +34,10 @@ def make_scheduler(
     karras: bool = False,
     config: dict[str, Any] | None = None,
 ):
-    """diffusers' scheduler for ``sampler`` from ``config`` (SDXL's published one by default);
-    ``spacing`` / ``karras`` override the config's timestep_spacing / use_karras_sigmas."""
+    """diffusers' scheduler for ``sampler`` from ``config`` (SDXL's published one by default),
+    as ``from_config`` builds it (absent settings: the class's defaults; DPM's are dpmsolver++,
+    order 2); ``spacing`` / ``karras`` override the config's timestep_spacing /
+    use_karras_sigmas."""
     if sampler not in SCHEDULERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {tuple(SCHEDULERS)}")
     kw: dict[str, Any] = {}
@@ -43,8 +45,6 @@ def make_scheduler(
         kw["timestep_spacing"] = spacing
     if karras:
         kw["use_karras_sigmas"] = True
-    if sampler == "dpmpp_2m":
-        kw |= {"algorithm_type": "dpmsolver++", "solver_order": 2}
     return SCHEDULERS[sampler].from_config(config or SDXL_SCHEDULER_CONFIG, **kw)
 
 
