@@ -20,6 +20,7 @@ import numpy as np
 from sdxl_jax import workdir
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+TO_HELP = "output: a new or empty folder (diffusers) or a new .safetensors file; never overwritten"
 
 
 def presets() -> dict[str, dict[str, Any]]:
@@ -97,6 +98,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name, c in info["components"].items():
         dts = ", ".join(f"{d} x{n}" for d, n in sorted(c["dtypes"].items()))
         cls = f"  {c['class']}" if "class" in c else ""
+        cls += f"  config: {c['config']}" if "config" in c else ""
         print(
             f"  {name:<16}{c['parameters']:>14d} params  {c['tensors']:>5} tensors  "
             f"{_gb(c['bytes'])}  [{dts}]{cls}"
@@ -106,11 +108,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_new_output(to: str | Path, fmt: str) -> None:
+    """Nothing is overwritten: ``--to`` must not exist yet, or be an empty folder (diffusers)."""
+    to = Path(to)
+    if to.is_dir() and fmt == "diffusers":
+        if any(to.iterdir()):
+            raise ValueError(
+                f"--to {to} is a folder that is not empty: give a new or an empty folder "
+                f"(nothing is overwritten)"
+            )
+    elif to.exists() or to.is_symlink():
+        raise ValueError(f"--to {to} exists: give a new path (nothing is overwritten)")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 
     from sdxl_jax.weights import formats
 
+    check_new_output(args.to, args.format)  # before minutes of loading
     dtype = np.dtype(DTYPES[args.dtype]) if args.dtype else None
     src = Path(args.path)
     t0 = time.perf_counter()
@@ -120,7 +136,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     models = formats.load(src, comps, param_dtype=param_dtype, progress=True)
     t1 = time.perf_counter()
     print(f"loaded {', '.join(models)} from {src} in {t1 - t0:.1f} s", file=sys.stderr)
-    shard = int(float(args.max_shard_gb) * 1e9) if args.max_shard_gb else None
+    shard = int(args.max_shard_gb * 1e9) or None
     formats.save(
         models,
         args.to,
@@ -140,8 +156,7 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     from sdxl_jax.weights import formats
 
     src, out = Path(args.path), Path(args.to)
-    if out.exists():
-        raise ValueError(f"--to {out} exists: give a new path (nothing is overwritten)")
+    check_new_output(out, args.format)
     info = checkpoints.check_stage(src, need_vae=False)
     specs = [loras_lib.parse_spec(x) for x in args.lora]
     # Every LoRA read and checked against the configs before any weights load.
@@ -154,6 +169,16 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     print(f"merged {names} into {out} ({args.format}) in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _shard_gb(text: str) -> float:
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = float("nan")
+    if not gb >= 0 or gb == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: need a number of GB >= 0")
+    return gb
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,12 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         "architecture) and writes a diffusers folder or an sgm single file.",
     )
     pe.add_argument("path", help="source: a diffusers folder or a .safetensors single file")
-    pe.add_argument("--to", required=True, help="output folder (diffusers) or .safetensors file")
+    pe.add_argument("--to", required=True, help=TO_HELP)
     pe.add_argument("--format", required=True, choices=["diffusers", "single-file"])
     pe.add_argument("--dtype", choices=list(DTYPES), help="cast weights (default: keep fp32)")
     pe.add_argument("--components", help="comma-separated subset, e.g. unet,vae")
     pe.add_argument(
-        "--max-shard-gb", default="10", help="diffusers shard size in GB (0: one file; default 10)"
+        "--max-shard-gb",
+        type=_shard_gb,
+        default=10.0,
+        help="diffusers shard size in GB (0: one file; default 10)",
     )
     pe.set_defaults(fn=cmd_export)
     pm = sub.add_parser(
@@ -196,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     pm.add_argument("path", help="the base: a diffusers folder or a .safetensors single file")
     pm.add_argument("--lora", action="append", required=True, metavar="PATH[:SCALE]",
                     help="a LoRA file (repeat for several; scale default 1.0)")  # fmt: skip
-    pm.add_argument("--to", required=True, help="output folder (diffusers) or .safetensors file")
+    pm.add_argument("--to", required=True, help=TO_HELP)
     pm.add_argument("--format", default="diffusers", choices=["diffusers", "single-file"])
     pm.add_argument("--lora-strict", action=argparse.BooleanOptionalAction, default=True,
                     help="refuse LoRA keys that match no layer (default)")  # fmt: skip
@@ -212,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("export", "merge-lora"):
             workdir.local_only(args.to, "--to")
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # FileNotFoundError, PermissionError, ... included
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -5,7 +5,6 @@ keys under its prefixes (``logit_scale`` is read by neither)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from flax import nnx
 
 from sdxl_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from sdxl_jax.weights import configs
+from sdxl_jax.weights.config_checks import read_json_object
 from sdxl_jax.weights.diffusers_io import find_weights
 from sdxl_jax.weights.loader import ShardingFn, Source, load_module
 from sdxl_jax.weights.mapping import (
@@ -67,7 +67,8 @@ def check_folder(folder: str | Path) -> Path:
 def read_clip_model_config(folder: str | Path) -> tuple[CLIPTextConfig, CLIPVisionConfig]:
     """The two towers' configs from a CLIPModel folder's ``config.json``."""
     folder = check_folder(folder)
-    return configs.clip_model_from_reference(json.loads((folder / "config.json").read_text()))
+    path = folder / "config.json"
+    return configs.clip_model_from_reference(read_json_object(path), where=str(path))
 
 
 def find_clip_weights(folder: str | Path) -> TensorSource:

@@ -28,7 +28,7 @@ class Component:
     model_class: type
     rules: NameRules
     weights_stem: str  # "diffusion_pytorch_model" (diffusers) or "model" (transformers)
-    from_reference: Callable[[dict[str, Any]], Any]  # config.json dict -> our config
+    from_reference: Callable[..., Any]  # (config.json dict, where=file name) -> our config
     to_reference: Callable[[Any], dict[str, Any]]  # our config -> config.json dict
 
     def abstract(self, config: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):

@@ -15,6 +15,7 @@ from typing import Any
 from sdxl_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from sdxl_jax.models.unet import UNetConfig
 from sdxl_jax.models.vae import VAEConfig
+from sdxl_jax.weights import config_checks as checks
 
 DIFFUSERS_VERSION = "0.42.1"  # the version whose UNet2DConditionModel / AutoencoderKL we mirror
 CLIP_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")  # [has a projection]
@@ -103,73 +104,102 @@ _UNET_FIXED: tuple[tuple[str, Any, Any], ...] = (
 
 
 # -- UNet (diffusers UNet2DConditionModel) -------------------------------------------------------
-def _unet_check_fixed(d: dict[str, Any]) -> None:
+UNET = "unet/config.json"
+# UNet2DConditionModel's defaults for the keys that shape its levels.
+_UNET_LEVELS_DEFAULT = {
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+}
+
+
+def _unet_check_fixed(d: dict[str, Any], where: str) -> None:
     for key, ok, default in _UNET_FIXED:
         value = d.get(key, default)
         allowed = ok if isinstance(ok, tuple) else (ok,)
         if value not in allowed:
-            raise ValueError(
-                f"unet/config.json: {key}={value!r} is not supported (supported: {allowed})"
-            )
+            raise ValueError(f"{where}: {key}={value!r} is not supported (supported: {allowed})")
 
 
-def _unet_attention_levels(d: dict[str, Any]) -> list[bool]:
+def _unet_attention_levels(d: dict[str, Any], where: str) -> list[bool]:
     """Which levels have cross-attention, from the block types (the up blocks must mirror)."""
+    down = d.get("down_block_types", _UNET_LEVELS_DEFAULT["down_block_types"])
+    if not isinstance(down, list) or not down:
+        raise ValueError(f"{where}: down_block_types={down!r}: need a non-empty list")
     has_attn = []
-    for t in d["down_block_types"]:
+    for t in down:
         if t not in ("CrossAttnDownBlock2D", "DownBlock2D"):
-            raise ValueError(f"unet/config.json: down block {t!r} is not supported")
+            raise ValueError(f"{where}: down block {t!r} is not supported")
         has_attn.append(t == "CrossAttnDownBlock2D")
     expect_up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)]
-    if list(d["up_block_types"]) != expect_up:
-        raise ValueError(
-            f"unet/config.json: up_block_types {d['up_block_types']} must mirror the down "
-            f"blocks ({expect_up})"
-        )
+    up = d.get("up_block_types", _UNET_LEVELS_DEFAULT["up_block_types"])
+    if up != expect_up:
+        raise ValueError(f"{where}: up_block_types {up} must mirror the down blocks ({expect_up})")
     return has_attn
 
 
-def _unet_per_level(d: dict[str, Any], key: str, default: Any, n: int) -> list[Any]:
+def _unet_per_level(
+    d: dict[str, Any], key: str, default: Any, n: int, where: str, lo: int = 1
+) -> list[int]:
     v = d.get(key, default)
-    v = [v] * n if isinstance(v, int) or v is None else list(v)
-    if len(v) != n:
-        raise ValueError(f"unet/config.json: {key} needs {n} entries, got {v}")
-    return v
+    if isinstance(v, list) and any(isinstance(x, list) for x in v):
+        raise ValueError(f"{where}: nested {key} is not supported")
+    v = [v] * n if not isinstance(v, list | tuple) else v
+    return checks.counts(where, key, v, n, lo)
 
 
-def unet_from_reference(d: dict[str, Any]) -> UNetConfig:
-    """From a diffusers ``UNet2DConditionModel`` config.json; refuses what we lack."""
-    _unet_check_fixed(d)
-    has_attn = _unet_attention_levels(d)
+def unet_from_reference(d: dict[str, Any], where: str = UNET) -> UNetConfig:
+    """From a diffusers ``UNet2DConditionModel`` config.json; refuses what we lack, and values
+    no UNet can have, naming ``where`` (the file) and the key."""
+    _unet_check_fixed(d, where)
+    has_attn = _unet_attention_levels(d, where)
     n = len(has_attn)
-    lpb = _unet_per_level(d, "layers_per_block", 2, n)
-    tlpb = _unet_per_level(d, "transformer_layers_per_block", 1, n)
-    if any(not isinstance(x, int) for x in tlpb):
-        raise ValueError("unet/config.json: nested transformer_layers_per_block is not supported")
+    default_channels = _UNET_LEVELS_DEFAULT["block_out_channels"]
+    channels = checks.counts(
+        where, "block_out_channels", d.get("block_out_channels", default_channels), n
+    )
+    lpb = _unet_per_level(d, "layers_per_block", 2, n, where)
+    tlpb = _unet_per_level(d, "transformer_layers_per_block", 1, n, where, lo=0)
+    for t, a in zip(tlpb, has_attn, strict=True):
+        if a and t < 1:
+            raise ValueError(
+                f"{where}: transformer_layers_per_block={tlpb}: a cross-attention level needs >= 1"
+            )
     heads_key = "num_attention_heads" if d.get("num_attention_heads") else "attention_head_dim"
-    heads = _unet_per_level(d, heads_key, 8, n)
+    heads = _unet_per_level(d, heads_key, 8, n, where)
     ctx = d.get("cross_attention_dim", 1280)
-    if not isinstance(ctx, int):
+    if isinstance(ctx, list | tuple):
         if len(set(ctx)) != 1:
-            raise ValueError(f"unet/config.json: per-level cross_attention_dim {ctx} unsupported")
+            raise ValueError(f"{where}: per-level cross_attention_dim {ctx} is not supported")
         ctx = ctx[0]
-    return UNetConfig(
-        block_out_channels=tuple(d["block_out_channels"]),
+    text_time = d.get("addition_embed_type") == "text_time"
+    vector = d.get("projection_class_embeddings_input_dim")
+    get = d.get
+    return checks.build(
+        where,
+        UNetConfig,
+        block_out_channels=tuple(channels),
         layers_per_block=tuple(lpb),
         transformer_depth=tuple(t if a else 0 for t, a in zip(tlpb, has_attn, strict=True)),
         mid_transformer_depth=tlpb[-1],
         num_heads=tuple(heads),
-        cross_attention_dim=ctx,
-        in_channels=d.get("in_channels", 4),
-        out_channels=d.get("out_channels", 4),
+        cross_attention_dim=checks.count(where, "cross_attention_dim", ctx),
+        in_channels=checks.count(where, "in_channels", get("in_channels", 4)),
+        out_channels=checks.count(where, "out_channels", get("out_channels", 4)),
         addition_embed_type=d.get("addition_embed_type"),
-        addition_time_embed_dim=d.get("addition_time_embed_dim") or 256,
-        projection_class_embeddings_input_dim=d.get("projection_class_embeddings_input_dim") or 0,
-        norm_num_groups=d.get("norm_num_groups", 32),
-        norm_eps=d.get("norm_eps", 1e-5),
-        flip_sin_to_cos=d.get("flip_sin_to_cos", True),
-        freq_shift=d.get("freq_shift", 0),
-        sample_size=d.get("sample_size") or 128,
+        addition_time_embed_dim=checks.count(
+            where, "addition_time_embed_dim", get("addition_time_embed_dim") or 256
+        ),
+        projection_class_embeddings_input_dim=checks.count(
+            where, "projection_class_embeddings_input_dim", vector, lo=1
+        )
+        if text_time
+        else vector or 0,
+        norm_num_groups=checks.count(where, "norm_num_groups", get("norm_num_groups", 32)),
+        norm_eps=checks.number(where, "norm_eps", get("norm_eps", 1e-5), positive=True),
+        flip_sin_to_cos=checks.flag(where, "flip_sin_to_cos", get("flip_sin_to_cos", True)),
+        freq_shift=checks.number(where, "freq_shift", get("freq_shift", 0)),
+        sample_size=checks.size(where, "sample_size", get("sample_size") or 128),
     )
 
 
@@ -241,37 +271,50 @@ def unet_to_reference(cfg: UNetConfig) -> dict[str, Any]:
 
 
 # -- VAE (diffusers AutoencoderKL) ----------------------------------------------------------------
-def vae_from_reference(d: dict[str, Any]) -> VAEConfig:
-    """From a diffusers ``AutoencoderKL`` ``config.json``; refuses what we do not implement."""
+def vae_from_reference(d: dict[str, Any], where: str = "vae/config.json") -> VAEConfig:
+    """From a diffusers ``AutoencoderKL`` ``config.json``; refuses what we do not implement, and
+    values no VAE can have, naming ``where`` (the file) and the key."""
     name = d.get("_class_name", "AutoencoderKL")
     if name != "AutoencoderKL":
-        raise ValueError(f"VAE config is for {name!r}; sdxl_jax implements only AutoencoderKL")
+        raise ValueError(f"{where}: the config is for {name!r}; sdxl_jax implements only "
+                         f"AutoencoderKL")  # fmt: skip
     d = {k: v for k, v in d.items() if not k.startswith("_")}
     unknown = sorted(set(d) - set(VAE_DIFFUSERS_DEFAULTS))
     if unknown:
         raise ValueError(
-            f"VAE config.json has settings sdxl_jax's AutoencoderKL does not implement: "
+            f"{where}: settings sdxl_jax's AutoencoderKL does not implement: "
             f"{unknown}. Is it a different VAE class, or a newer diffusers? Remove them if "
             f"they hold diffusers' defaults."
         )
     d = {**VAE_DIFFUSERS_DEFAULTS, **d}
-    levels = len(d["block_out_channels"])
+    channels = checks.counts(where, "block_out_channels", d["block_out_channels"])
+    levels = len(channels)
     for key, want in (
         ("down_block_types", "DownEncoderBlock2D"),
         ("up_block_types", "UpDecoderBlock2D"),
     ):
-        types = list(d.pop(key))
+        types = d.pop(key)
         if types != [want] * levels:
             raise ValueError(
-                f"VAE config {key}={types}: only {levels} x {want!r} (one per "
+                f"{where}: {key}={types}: only {levels} x {want!r} (one per "
                 f"block_out_channels entry) is implemented"
             )
     if d.pop("act_fn") != "silu":
-        raise ValueError("VAE config act_fn: only 'silu' is implemented")
-    for key in ("block_out_channels", "latents_mean", "latents_std", "sample_size"):
-        if isinstance(d[key], list):
-            d[key] = tuple(d[key])
-    return VAEConfig(**d)
+        raise ValueError(f"{where}: act_fn: only 'silu' is implemented")
+    latent = checks.count(where, "latent_channels", d["latent_channels"])
+    kw: dict[str, Any] = {"block_out_channels": tuple(channels), "latent_channels": latent}
+    for key in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
+        kw[key] = checks.count(where, key, d[key])
+    kw["sample_size"] = checks.size(where, "sample_size", d["sample_size"])
+    kw["scaling_factor"] = checks.number(where, "scaling_factor", d["scaling_factor"], True)
+    shift = d["shift_factor"]
+    kw["shift_factor"] = None if shift is None else checks.number(where, "shift_factor", shift)
+    for key, positive in (("latents_mean", False), ("latents_std", True)):
+        v = d[key]
+        kw[key] = None if v is None else checks.numbers(where, key, v, latent, positive)
+    for key in ("force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+        kw[key] = checks.flag(where, key, d[key])
+    return checks.build(where, VAEConfig, **kw)
 
 
 def vae_to_reference(cfg: VAEConfig) -> dict[str, Any]:
@@ -291,34 +334,52 @@ def vae_to_reference(cfg: VAEConfig) -> dict[str, Any]:
 
 
 # -- text encoders (transformers CLIPTextModel / CLIPTextModelWithProjection) ---------------------
-def _clip_check(d: dict[str, Any]) -> None:
+TEXT_ENCODER = "text encoder config.json"
+_CLIP_SIZES = (  # (config.json key, our field): sizes and counts, each an integer >= 1
+    ("hidden_size", "hidden_size"),
+    ("intermediate_size", "intermediate_size"),
+    ("num_hidden_layers", "num_layers"),
+    ("num_attention_heads", "num_heads"),
+)
+
+
+def _clip_check(d: dict[str, Any], where: str) -> None:
     arch = d.get("architectures") or []
-    if len(arch) != 1 or arch[0] not in CLIP_ARCHITECTURES:
+    if not isinstance(arch, list) or len(arch) != 1 or arch[0] not in CLIP_ARCHITECTURES:
         raise ValueError(
-            f"text encoder config.json has architectures={arch or None}; sdxl_jax implements "
+            f"{where}: architectures={arch or None}; sdxl_jax implements "
             f'one of {CLIP_ARCHITECTURES}. Set "architectures" to the class the weights were '
             f"saved from."
         )
     model_type = d.get("model_type", "clip_text_model")
     if model_type != "clip_text_model":
         raise ValueError(
-            f"text encoder config.json has model_type={model_type!r}; expected "
+            f"{where}: model_type={model_type!r}; expected "
             f"'clip_text_model' (a full CLIP config? save its text tower on its own)"
         )
 
 
-def clip_from_reference(d: dict[str, Any]) -> CLIPTextConfig:
-    """From a transformers ``config.json`` of a CLIPTextModel(WithProjection)."""
-    _clip_check(d)
+def clip_from_reference(d: dict[str, Any], where: str = TEXT_ENCODER) -> CLIPTextConfig:
+    """From a transformers ``config.json`` of a CLIPTextModel(WithProjection); values no text
+    encoder can have are refused, naming ``where`` (the file) and the key."""
+    _clip_check(d, where)
     with_proj = d["architectures"][0] == "CLIPTextModelWithProjection"
     proj = d.get("projection_dim", CLIP_TRANSFORMERS_DEFAULTS["projection_dim"])
-    return _clip_text(d, proj if with_proj else None, "text encoder config.json")
+    return _clip_text(d, checks.count(where, "projection_dim", proj) if with_proj else None, where)
 
 
 def _no_dropout(d: dict[str, Any], where: str) -> None:
     for key in ("attention_dropout", "dropout"):
         if d.get(key):
-            raise ValueError(f"{where} {key}={d[key]}: dropout is not implemented; set it to 0.0")
+            raise ValueError(f"{where}: {key}={d[key]}: dropout is not implemented; set it to 0.0")
+
+
+def _tower_sizes(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """The sizes both towers share, checked, plus hidden_act and layer_norm_eps."""
+    kw: dict[str, Any] = {ours: checks.count(where, key, d[key]) for key, ours in _CLIP_SIZES}
+    kw["hidden_act"] = d["hidden_act"]
+    kw["layer_norm_eps"] = checks.number(where, "layer_norm_eps", d["layer_norm_eps"], True)
+    return kw
 
 
 def _clip_text(d: dict[str, Any], projection_dim: int | None, where: str) -> CLIPTextConfig:
@@ -327,18 +388,17 @@ def _clip_text(d: dict[str, Any], projection_dim: int | None, where: str) -> CLI
     eos = d["eos_token_id"]
     if not isinstance(eos, int) or isinstance(eos, bool):
         raise ValueError(
-            f"{where} eos_token_id={eos!r}: need a single integer (2 selects the legacy argmax "
+            f"{where}: eos_token_id={eos!r}: need a single integer (2 selects the legacy argmax "
             f"pooling)"
         )
-    return CLIPTextConfig(
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"],
-        num_layers=d["num_hidden_layers"],
-        num_heads=d["num_attention_heads"],
-        max_position_embeddings=d["max_position_embeddings"],
-        hidden_act=d["hidden_act"],
-        layer_norm_eps=float(d["layer_norm_eps"]),
+    return checks.build(
+        where,
+        CLIPTextConfig,
+        **_tower_sizes(d, where),
+        vocab_size=checks.count(where, "vocab_size", d["vocab_size"]),
+        max_position_embeddings=checks.count(
+            where, "max_position_embeddings", d["max_position_embeddings"]
+        ),
         projection_dim=projection_dim,
         eos_token_id=eos,
         bos_token_id=d["bos_token_id"],
@@ -347,58 +407,62 @@ def _clip_text(d: dict[str, Any], projection_dim: int | None, where: str) -> CLI
 
 
 def clip_vision_from_reference(
-    d: dict[str, Any], projection_dim: int | None = None
+    d: dict[str, Any],
+    projection_dim: int | None = None,
+    where: str = "CLIP config.json vision_config",
 ) -> CLIPVisionConfig:
     """From a transformers ``CLIPVisionConfig`` dict (a CLIPModel's ``vision_config``); the
     projection width is CLIPConfig's, passed in (None: no projection)."""
-    where = "CLIP config.json vision_config"
     d = {**CLIP_VISION_TRANSFORMERS_DEFAULTS, **d}
     _no_dropout(d, where)
     for key in ("image_size", "patch_size"):
         if not isinstance(d[key], int) or isinstance(d[key], bool):
             raise ValueError(
-                f"{where} {key}={d[key]!r}: only square images and patches (one integer) are "
+                f"{where}: {key}={d[key]!r}: only square images and patches (one integer) are "
                 f"implemented, as transformers' CLIPVisionEmbeddings assumes"
             )
-    return CLIPVisionConfig(
-        hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"],
-        num_layers=d["num_hidden_layers"],
-        num_heads=d["num_attention_heads"],
-        num_channels=d["num_channels"],
+        checks.count(where, key, d[key])
+    return checks.build(
+        where,
+        CLIPVisionConfig,
+        **_tower_sizes(d, where),
+        num_channels=checks.count(where, "num_channels", d["num_channels"]),
         image_size=d["image_size"],
         patch_size=d["patch_size"],
-        hidden_act=d["hidden_act"],
-        layer_norm_eps=float(d["layer_norm_eps"]),
         projection_dim=projection_dim,
     )
 
 
-def _sub_config(d: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict[str, Any]:
+def _sub_config(d: dict[str, Any], key: str, defaults: dict[str, Any], where: str) -> dict:
     """``text_config`` / ``vision_config``, with the legacy ``*_config_dict`` applied as
     CLIPConfig applies it: completed with the class defaults, then laid over the other."""
-    sub = dict(d.get(key) or {})
-    legacy = d.get(f"{key}_dict")
+    sub, legacy = d.get(key) or {}, d.get(f"{key}_dict")
+    for k, v in ((key, sub), (f"{key}_dict", legacy or {})):
+        if not isinstance(v, dict):
+            raise ValueError(f"{where}: {k} is a {type(v).__name__}, not an object of settings")
+    sub = dict(sub)
     if legacy is not None:
         sub.update({**defaults, **legacy})
     return sub
 
 
-def clip_model_from_reference(d: dict[str, Any]) -> tuple[CLIPTextConfig, CLIPVisionConfig]:
+def clip_model_from_reference(
+    d: dict[str, Any], where: str = "CLIP config.json"
+) -> tuple[CLIPTextConfig, CLIPVisionConfig]:
     """From a transformers ``CLIPModel`` config.json: (text tower, vision tower), both projecting
     to CLIPConfig's ``projection_dim`` (the sub-configs' own ``projection_dim`` is unused there)."""
     model_type = d.get("model_type", "clip")
     if model_type != "clip":
         raise ValueError(
-            f"CLIP config.json has model_type={model_type!r}; expected 'clip' (a transformers "
+            f"{where}: model_type={model_type!r}; expected 'clip' (a transformers "
             f"CLIPModel folder with text_config and vision_config)"
         )
-    proj = d.get("projection_dim", CLIP_MODEL_PROJECTION_DIM)
-    text = _sub_config(d, "text_config", CLIP_TRANSFORMERS_DEFAULTS)
-    vision = _sub_config(d, "vision_config", CLIP_VISION_TRANSFORMERS_DEFAULTS)
+    proj = checks.count(where, "projection_dim", d.get("projection_dim", CLIP_MODEL_PROJECTION_DIM))
+    text = _sub_config(d, "text_config", CLIP_TRANSFORMERS_DEFAULTS, where)
+    vision = _sub_config(d, "vision_config", CLIP_VISION_TRANSFORMERS_DEFAULTS, where)
     return (
-        _clip_text(text, proj, "CLIP config.json text_config"),
-        clip_vision_from_reference(vision, proj),
+        _clip_text(text, proj, f"{where} text_config"),
+        clip_vision_from_reference(vision, proj, f"{where} vision_config"),
     )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from sdxl_jax.weights.components import COMPONENTS
+from sdxl_jax.weights.config_checks import read_json_object
 from sdxl_jax.weights.loader import ShardingFn, export_tensors, load_module
 from sdxl_jax.weights.safetensors_io import TensorSource, write_sharded
 
@@ -61,7 +62,7 @@ def read_config(folder: Path, name: str) -> Any:
     path = folder / name / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{folder} has no {name}/config.json: not a diffusers SDXL folder?")
-    return comp.from_reference(json.loads(path.read_text()))
+    return comp.from_reference(read_json_object(path), where=str(path))
 
 
 def load_component(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,6 +13,7 @@ from flax import nnx
 
 from sdxl_jax.weights import diffusers_io, single_file
 from sdxl_jax.weights.components import COMPONENTS
+from sdxl_jax.weights.config_checks import read_json_object
 from sdxl_jax.weights.loader import ShardingFn
 from sdxl_jax.weights.safetensors_io import TensorSource
 
@@ -146,7 +146,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             source = diffusers_io.find_weights(folder, comp.weights_stem)
             add(name, source, source.keys())
             comps[name]["source"] = source.description
-            cfg = json.loads((folder / "config.json").read_text())
+            cfg = read_json_object(folder / "config.json")
             comps[name]["class"] = cfg.get("_class_name") or (cfg.get("architectures") or ["?"])[0]
         result["extras"] = [s for s in SIDE_FOLDERS if (path / s).is_dir()]
     else:
@@ -162,6 +162,8 @@ def describe(path: str | Path) -> dict[str, Any]:
                 add(name, source, [k])
         if other:
             add("(other)", source, other)
+        for name in layout.prefixes:  # the shapes it loads with: its own config, or SDXL's
+            comps[name]["config"] = "stored in the file" if name in layout.stored else "SDXL preset"
         result["metadata"] = source.metadata
     result["components"] = comps
     return result

@@ -108,6 +108,17 @@ def default_sharding(path: tuple, var: nnx.Variable) -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
+def _read_float(source: Source, key: str, component: str) -> np.ndarray:
+    """A parameter's tensor, refused if not floating point (a cast would silently change it)."""
+    arr = source.read(key)
+    if arr.dtype.kind in "biuc":  # bool, ints, complex; ml_dtypes' floats are kind "V"
+        raise CheckpointMismatch(
+            f"{component}: {key!r} is {arr.dtype} in {source.description}: a parameter must be "
+            f"floating point (a checkpoint of another kind, or a damaged one?)"
+        )
+    return arr
+
+
 def load_module(
     abstract: nnx.Module,
     source: Source,
@@ -143,9 +154,10 @@ def load_module(
         if e.stacked:
             arr = np.empty(e.shape, dtype)
             for i, k in enumerate(e.keys):
-                arr[i] = e.to_ours(source.read(k))
+                arr[i] = e.to_ours(_read_float(source, k, component))
         else:
-            arr = np.asarray(e.to_ours(source.read(e.keys[0]))).astype(dtype, copy=False)
+            arr = e.to_ours(_read_float(source, e.keys[0], component))
+            arr = np.asarray(arr).astype(dtype, copy=False)
         value = jax.make_array_from_callback(
             arr.shape, sharding(path, var), lambda idx, a=arr: a[idx]
         )

@@ -1,5 +1,9 @@
 """Single-file SDXL checkpoints (sgm / A1111 / ComfyUI layout).
 
+Single files carry no config.json: a file's components get SDXL's presets, except in our own
+files, which store each component's reference config.json (a JSON object per component) in the
+safetensors ``__metadata__`` under ``sdxl_jax.config``, so models of other shapes round-trip.
+
 Each component's key mapping lives in its own module (``sgm_unet``, ``sgm_vae``, ``sgm_clip``) as a
 function ``sgm_name(ref_key, config) -> SgmTensor`` from the reference (diffusers/transformers)
 key to where the tensor lives in the single file (``sgm_tensor.SgmTensor``), relative to the
@@ -8,8 +12,9 @@ component's prefix.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,7 @@ BIGG_PREFIX_REFINER = "conditioner.embedders.0.model."
 IGNORED = ("position_ids", "logit_scale", "attn_mask")
 # Whole prefixes some files carry that are not part of the model.
 IGNORED_PREFIXES = ("denoiser.", "model_ema.", "cond_stage_model.")
+CONFIG_KEY = "sdxl_jax.config"  # __metadata__ key: {component: reference config.json dict}
 
 
 def sgm_mapper(name: str) -> Callable[[str, Any], SgmTensor]:
@@ -54,8 +60,12 @@ class Layout:
 
     kind: str  # "base" | "refiner"
     prefixes: dict[str, str]  # component -> key prefix
+    stored: dict[str, Any] = field(default_factory=dict)  # configs the file itself holds
 
     def config(self, name: str) -> Any:
+        """The file's own config for ``name`` if it stores one, else the SDXL preset."""
+        if name in self.stored:
+            return self.stored[name]
         from sdxl_jax.models.clip import CLIPTextConfig
         from sdxl_jax.models.unet import UNetConfig
         from sdxl_jax.models.vae import VAEConfig
@@ -93,7 +103,8 @@ def detect_layout(keys: Iterable[str], source: TensorSource | None = None) -> La
         if has(BIGG_PREFIX_BASE):
             prefixes["text_encoder_2"] = BIGG_PREFIX_BASE
     label = f"{prefixes.get('unet', '')}label_emb.0.0.weight"
-    if "text_encoder_2" not in prefixes and source is not None and label in source:
+    wide = source is not None and label in source and len(source.shape(label)) == 2
+    if "text_encoder_2" not in prefixes and wide:
         # No text encoders to tell by: the vector-conditioning width does (2816 base, 2560 refiner).
         kind = "refiner" if source.shape(label)[1] == 2560 else "base"
     if not prefixes:
@@ -101,7 +112,39 @@ def detect_layout(keys: Iterable[str], source: TensorSource | None = None) -> La
             "not an SDXL single-file checkpoint: no keys under model.diffusion_model., "
             "first_stage_model. or conditioner.embedders.*"
         )
-    return Layout(kind, prefixes)
+    return Layout(kind, prefixes, stored_configs(source) if source is not None else {})
+
+
+def stored_configs(source: TensorSource) -> dict[str, Any]:
+    """The configs a file of ours stores in its metadata (``{}`` for other files), checked as
+    a config.json is."""
+    text = source.metadata.get(CONFIG_KEY)
+    if text is None:
+        return {}
+    where = f"{source.description}: __metadata__[{CONFIG_KEY!r}]"
+    try:
+        stored = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not JSON ({e})") from None
+    if not isinstance(stored, dict) or not set(stored) <= set(COMPONENTS):
+        raise ValueError(f"{where} is not an object of {', '.join(COMPONENTS)} configs")
+    out = {}
+    for name, d in stored.items():
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} {name} is a {type(d).__name__}, not a config object")
+        out[name] = COMPONENTS[name].from_reference(d, where=f"{where} {name}")
+    return out
+
+
+def config_metadata(models: dict[str, nnx.Module]) -> dict[str, str]:
+    """``{CONFIG_KEY: JSON}`` of each component's reference config.json, for the metadata."""
+    stored = {}
+    for name, module in models.items():
+        try:
+            stored[name] = COMPONENTS[name].to_reference(module.config)
+        except ValueError:
+            continue  # no reference form (see unet_to_reference): that component gets a preset
+    return {CONFIG_KEY: json.dumps(stored, sort_keys=True)} if stored else {}
 
 
 class SgmSource:
@@ -170,8 +213,8 @@ def load_single_file(
 ) -> dict[str, nnx.Module]:
     """Load the components of a single-file SDXL checkpoint (base or refiner, detected).
 
-    Single files carry no config: each component gets its SDXL preset unless ``configs`` names
-    another (fine-tunes of other shapes, tiny test models).
+    Each component's config: ``configs[name]`` if given, else the one the file stores (our own
+    exports), else the SDXL preset.
     """
     file = TensorSource.open(path)
     layout = detect_layout(file.keys(), file)
@@ -245,4 +288,5 @@ def save_single_file(
     models: dict[str, nnx.Module], path: str | Path, dtype: Any = None, progress: bool = False
 ) -> None:
     """Write components as one sgm-layout safetensors file (what A1111 / ComfyUI open)."""
-    write_safetensors(path, single_file_tensors(models, dtype), {"format": "pt"}, progress)
+    meta = {"format": "pt", **config_metadata(models)}
+    write_safetensors(path, single_file_tensors(models, dtype), meta, progress)
