@@ -40,7 +40,11 @@ DIFFUSION_KEYS = (
 )
 
 
+VARIANTS = common.VARIANTS
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    common.check_variant(arg, __file__)
     c = common.base_config("autoencoder")
     c.kind = "autoencoder"
     c.model.preset = "sdxl"  # sdxl_jax.train.autoencoder.VAE_PRESETS: sdxl | tiny | tiny_fast

@@ -8,8 +8,10 @@ import ml_collections
 
 from experiments import common
 
+VARIANTS = common.VARIANTS
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    common.check_variant(arg, __file__)
     c = common.base_config("base_256")
-    pass
     return common.tiny(c) if arg == "tiny" else c

@@ -8,8 +8,11 @@ import ml_collections
 
 from experiments import common
 
+VARIANTS = common.VARIANTS
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    common.check_variant(arg, __file__)
     c = common.base_config("base_512")
     c.init_from = "base_256"
     c.data.bucket_set = "sdxl_512"

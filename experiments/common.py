@@ -1,13 +1,26 @@
 """What every training stage's config holds, with the paper's defaults; stages override.
 
 A stage config is an ml_collections ConfigDict; ``python -m sdxl_jax.train`` locks it, so a
-misspelt ``--config.key=value`` fails. ``tiny(config)`` turns any stage into its CPU variant
-(tiny models, the synthetic dataset, small buckets and batches).
+misspelt ``--config.key=value`` fails. Each stage file's ``get_config(arg)`` takes one of its
+``VARIANTS`` (``check_variant``): "" (full size) or "tiny". ``tiny(config)`` turns any stage
+into its CPU variant (tiny models, the synthetic dataset, small buckets and batches).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_collections
+
+VARIANTS = ("", "tiny")  # get_config(arg): "" the full-size stage, "tiny" its CPU variant
+
+
+def check_variant(arg: str, file: str, variants: tuple[str, ...] = VARIANTS) -> None:
+    """Refuse a variant the stage file does not have (``--config base_256.py:tny``)."""
+    if arg not in variants:
+        path = f"experiments/{Path(file).name}"
+        known = ", ".join(f"{path}:{v}" if v else f"{path} (full size)" for v in variants)
+        raise ValueError(f"{path} has no variant {arg!r}; use one of: {known}")
 
 
 def base_config(stage: str) -> ml_collections.ConfigDict:

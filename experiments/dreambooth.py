@@ -24,10 +24,14 @@ samples of the 72 synthetic captions.
 
 import ml_collections
 
+from experiments import common
 from experiments import lora as lora_exp
+
+VARIANTS = common.VARIANTS
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    common.check_variant(arg, __file__)
     c = lora_exp.get_config(arg)  # the LoRA stage's fields, optimizer and export
     c.stage = "dreambooth"
     c.dreambooth = ml_collections.ConfigDict(

@@ -39,7 +39,11 @@ def lora_group(rank: int = 32) -> ml_collections.ConfigDict:
     )
 
 
+VARIANTS = common.VARIANTS
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    common.check_variant(arg, __file__)
     c = common.base_config("lora")
     c.init_from = ""  # set --config.init_from=PATH (the model the adapters train on)
     c.lora = lora_group()

@@ -12,8 +12,11 @@ import ml_collections
 
 from experiments import common
 
+VARIANTS = common.VARIANTS
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    common.check_variant(arg, __file__)
     c = common.base_config("refiner")
     c.model.preset = "sdxl_refiner"
     c.data.bucket_set = "sdxl_1024"

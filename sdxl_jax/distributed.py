@@ -301,3 +301,34 @@ def lead_first(name: str, done: Callable[[], bool], build: Callable[[], object])
     if jax.process_index() != 0 and not done():
         build()
     barrier(f"{name}:ready")
+
+
+def gather(name: str, text: str) -> list[str]:
+    """Every process's ``text`` for the same step (``name``), in process order, on every
+    process: through the coordination service, not a device collective. One process: [text]."""
+    import jax
+
+    global _barriers
+    if jax.process_count() == 1:
+        return [text]
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    _barriers += 1
+    key = f"sdxl:{_barriers}:{name}"
+    client.key_value_set(f"{key}:{jax.process_index()}", "x" + text)  # never empty
+    client.wait_at_barrier(key, int(BARRIER_TIMEOUT_S * 1000))
+    timeout = int(BARRIER_TIMEOUT_S * 1000)
+    return [
+        client.blocking_key_value_get(f"{key}:{i}", timeout)[1:] for i in range(jax.process_count())
+    ]
+
+
+def first_failure(name: str, failure: str | None) -> str | None:
+    """Every process's outcome of the same attempt (``failure``: why it failed, None: it
+    worked) -> the first failure of any process ("process I: why" with several), the same on
+    every process (None when all worked), so that all of them go on alike."""
+    got = gather(name, failure or "")
+    if len(got) == 1:
+        return failure
+    return next((f"process {i}: {why}" for i, why in enumerate(got) if why), None)

@@ -243,3 +243,21 @@ def _files(folder: Any, parts: tuple[str, ...] = ()) -> list[tuple[Any, tuple[st
         else:
             out.append((p, (*parts, p.name)))
     return out
+
+
+def move(src: Any, dst: Any) -> None:
+    """Move a file or folder: a rename here, a copy then a delete in a bucket."""
+    if not is_remote(src) and not is_remote(dst):
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(src, dst)
+        return
+    src, dst = as_path(str(src)), as_path(str(dst))
+    pairs = _files(src) if src.is_dir() else [(src, ())]
+    for p, parts in pairs:
+        target = dst.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _copy(p, target)
+    if src.is_dir():
+        src.rmtree()
+    else:
+        src.unlink()

@@ -5,7 +5,9 @@
       --config.optim.lr=3e-4 --config.data.global_batch_size=64
   python -m sdxl_jax.train            # the whole tiny curriculum on CPU, then its scores
 
-The config is locked: a misspelt ``--config.key`` fails before anything runs. Rerunning a command
+The config is locked: a misspelt ``--config.key``, a value of the wrong type or an unknown variant
+(``:tny``) fails in one line before anything runs (exit status 2, as a config the checks refuse,
+a workdir that cannot be written or one whose stage another run holds). Rerunning a command
 resumes from its stage's latest checkpoint. See ``--helpfull`` for every flag. A path
 ``experiments/<stage>.py`` is found in the installed package when the current directory has none.
 
@@ -43,11 +45,22 @@ class _StageConfigParser(ConfigFileFlagParser):
     """``--config path.py[:arg]`` with the path found by ``sdxl_jax.train.config.config_file``
     (the installed ``experiments`` package when the current directory has no such file)."""
 
+    last: Any = None  # the config parsed, for naming a misspelt override
+
     def parse(self, path: str) -> Any:
         from sdxl_jax.train import config as config_lib
 
         file, sep, arg = path.partition(":")
-        return super().parse(str(config_lib.config_file(file)) + sep + arg)
+        found = config_lib.config_file(file)
+        if not found.is_file():
+            raise ValueError(f"{file}: no such file; use experiments/<stage>.py[:variant]")
+        try:
+            config = super().parse(str(found) + sep + arg)
+        except Exception as e:  # get_config's own error, inside a formatted traceback
+            lines = [x for x in str(e).splitlines() if x.strip()]
+            raise ValueError(lines[-1].split("Error: ", 1)[-1] if lines else str(e)) from None
+        _StageConfigParser.last = config
+        return config
 
 
 flags.FLAGS["config"].parser = _StageConfigParser(name="config", lock_config=True)
@@ -100,6 +113,50 @@ def quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with any error (a misspelt ``--config.key``, a value of the wrong
+    type, an unknown variant) as one line on stderr and exit status 2, before anything loads."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # absl's flags.Error, and config_flags' AttributeError, KeyError ...
+        print(f"error: {flag_error(e, argv)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def flag_error(e: Exception, argv: list[str]) -> str:
+    """One line naming the flag at fault and the fix."""
+    config = _StageConfigParser.last
+    for arg in argv[1:]:
+        if config is not None and arg.startswith("--config."):
+            path = arg[len("--config.") :].split("=", 1)[0]
+            if why := _missing_field(config, path):
+                return f"--config.{path}: {why}"
+    text = " ".join(str(e).replace("\\n", " ").split())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]  # a KeyError's repr
+    return text or type(e).__name__
+
+
+def _missing_field(config: Any, path: str) -> str | None:
+    """Why ``path`` (``optim.lr``) names no field of ``config``, with the closest names."""
+    import difflib
+
+    node, done = config, []
+    for part in path.split("."):
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            where = ".".join(done) or "the config"
+            close = difflib.get_close_matches(part, keys, n=1)
+            fix = (
+                f"did you mean --config.{'.'.join([*done, close[0]])}?"
+                if close
+                else f"the fields of {where} are {', '.join(sorted(keys))}"
+            )
+            return f"{where} has no field {part!r} (a misspelling?): {fix}"
+        node, done = node[part], [*done, part]
+    return None
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -131,12 +188,14 @@ def main(argv: list[str]) -> int:
         return 0 if result["status"] == "finished" else 1
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required with --config")
+    from sdxl_jax.checkpoint import CheckpointError
     from sdxl_jax.train import loop
+    from sdxl_jax.train.lock import WorkdirInUse
 
     print(distributed.describe(), flush=True)
     try:
         result = loop.run_stage(config, _WORKDIR.value, stop_at_step=_STOP_AT.value)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, WorkdirInUse, CheckpointError) as e:
         return _fail(f"error: {e}", 2)
     except loop.Diverged as e:
         return _fail(f"error: {e}", 3)
@@ -163,4 +222,4 @@ def _fail(message: str, code: int) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -374,8 +374,8 @@ def _init_source(init_from: str) -> tuple[str, Path | None]:
     if not init_from:
         return "random", None
     path = workdir_lib.fetch(init_from)  # a local path, or a bucket URL fetched to this host
-    if (path / checkpoint.FINAL_EMA).exists():
-        return "stage", path
+    if (path / checkpoint.FINAL_EMA).exists() or (path / workdir_lib.CHECKPOINTS).is_dir():
+        return "stage", path  # (final_ema/ lost: load_final_ema takes the last checkpoint's)
     if path.name == "vae" and (path / "config.json").exists():
         path = path.parent  # the vae/ folder of a diffusers checkpoint
     from sdxl_jax.weights import formats

@@ -46,7 +46,7 @@ def config_file(path: str) -> Path:
 
 def load(spec: str) -> Any:
     """``path.py[:arg]`` -> the file's ``get_config(arg)`` (``get_config()`` without ``arg``),
-    the file found by :func:`config_file`."""
+    the file found by :func:`config_file`; ``arg`` must be one of the file's ``VARIANTS``."""
     path, _, arg = spec.partition(":")
     file = config_file(path)
     if not file.is_file():
@@ -54,7 +54,16 @@ def load(spec: str) -> Any:
     module_spec = importlib.util.spec_from_file_location(f"stage_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    variants = getattr(module, "VARIANTS", None)
+    if variants is not None and arg not in variants:
+        raise ValueError(unknown_variant(path, arg, variants))
     return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_variant(path: str, arg: str, variants: tuple[str, ...]) -> str:
+    """The message for ``--config path:arg`` when the file has no variant ``arg``."""
+    known = ", ".join(f"{path}:{v}" if v else f"{path} (full size)" for v in variants)
+    return f"--config {path}:{arg}: {path} has no variant {arg!r}; use one of: {known}"
 
 
 REFINER_TEXT = {"cross_attention_dim": 64, "projection_class_embeddings_input_dim": 48 + 5 * 8}
@@ -201,6 +210,8 @@ def validate(config: Any, n_devices: int) -> None:
         )
     if diffusion and not 0 <= s.cond_dropout < 1:
         problems.append(f"step.cond_dropout {s.cond_dropout}: need 0 <= p < 1")
+    if not config.optim.lr > 0:  # also NaN
+        problems.append(f"optim.lr {config.optim.lr}: need a learning rate > 0, e.g. 1e-4")
     if config.optim.warmup_steps > config.optim.total_steps:
         problems.append("optim.warmup_steps exceeds optim.total_steps")
     problems += lora_problems(config) + caption_problems(config.data)

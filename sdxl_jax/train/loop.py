@@ -20,6 +20,12 @@ export.
 SIGTERM (preemption) saves at the next step boundary and returns cleanly; rerun to resume.
 ``max_bad_steps`` non-finite steps in a row stop the run without saving, so the latest
 checkpoint is the last good state.
+
+One run per stage: ``<stage>/lock.json`` (:mod:`sdxl_jax.train.lock`) refuses a second trainer at
+once, naming the first; a crashed run's lock does not block its rerun. A damaged newest
+checkpoint (unreadable, or differing from the digest saved with it) is moved to
+``<stage>/damaged/`` with a warning and the run resumes from the one before
+(:mod:`sdxl_jax.checkpoint`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from sdxl_jax import workdir as workdir_lib
 from sdxl_jax.data import pipeline as data_pipeline
 from sdxl_jax.train import config as config_lib
 from sdxl_jax.train import evaluation, policies
+from sdxl_jax.train import lock as lock_lib
 from sdxl_jax.train.policies import Diverged as Diverged  # callers catch loop.Diverged
 
 
@@ -69,6 +76,21 @@ def check_data(config: Any) -> None:
         raise ValueError(
             "data.path is empty: prepare a dataset with `python -m sdxl_jax.data.prepare "
             "--source KIND:LOCATION --out DIR` and pass --config.data.path=DIR"
+        )
+
+
+def check_dataset(path: str) -> None:
+    """A prepared dataset at ``path`` with records in it, before anything heavy loads."""
+    from sdxl_jax.data import batching
+
+    try:
+        index = batching.load_index(path)
+    except FileNotFoundError as e:
+        raise ValueError(f"data.path {path}: {e}") from None
+    if not len(next(iter(index.values()), ())):
+        raise ValueError(
+            f"data.path {path}: the dataset holds no records; prepare it from a source with "
+            f"images: python -m sdxl_jax.data.prepare --source KIND:LOCATION --out DIR"
         )
 
 
@@ -171,13 +193,24 @@ def run_stage(
         )
     check_data(config)
     evaluation.check(config)  # config.eval: weights files, prompt set, reference
-    mesh = sharding.make_mesh(dict(config.mesh))
-    ckpts = ckpt_lib.StageCheckpoints(wd.root / config.stage, max_to_keep=config.checkpoint.keep)
+    # One run per stage: process 0 takes the lock before anything is written (a read-only
+    # workdir fails here too); the others wait for it.
+    lock = lock_lib.StageLock(wd.root, config.stage, warn=ckpt_lib.warn)
+    if jax.process_index() == 0:
+        lock.acquire()
     try:
-        return _run(config, wd, mesh, ckpts, stop_at_step, quiet)
-    except BaseException:
-        ckpts.close()  # let saves in flight finish: the latest checkpoint stays usable
-        raise
+        distributed.barrier(f"{config.stage} lock")
+        mesh = sharding.make_mesh(dict(config.mesh))
+        ckpts = ckpt_lib.StageCheckpoints(
+            wd.root / config.stage, max_to_keep=config.checkpoint.keep
+        )
+        try:
+            return _run(config, wd, mesh, ckpts, stop_at_step, quiet)
+        except BaseException:
+            ckpts.close()  # let saves in flight finish: the latest checkpoint stays usable
+            raise
+    finally:
+        lock.release()
 
 
 def _stage_names(config: Any) -> list[str]:
@@ -208,6 +241,7 @@ def _run(
 
     # -- data -------------------------------------------------------------------------------
     data = resolve_data(config, workdir, say)
+    check_dataset(data)
     dcfg = data_config(config, data, resolve_cache(config, workdir, data))
 
     # -- model ------------------------------------------------------------------------------
@@ -215,7 +249,7 @@ def _run(
     task = make_task(config, mesh, workdir)
 
     # -- restore or start -------------------------------------------------------------------
-    state, data_state, start = _restore_or_init(config, task, ckpts, latest, say)
+    state, data_state, start = _restore_or_init(config, task, ckpts, say)
     it = data_pipeline.make_iterator(dcfg, start_step=start, verbose=not quiet)
     if data_state is not None:
         it.set_state(data_state)
@@ -228,10 +262,10 @@ def _run(
         config, stage_dir, total, start, dcfg.global_batch_size, lead=lead, quiet=quiet
     )
     mirror = policies.Mirror(wd, config.stage, log, trace, lead)
-    saver = policies.Checkpointing(ckpts, it, config, total, saved=latest, after_save=mirror)
+    saver = policies.Checkpointing(ckpts, it, config, total, ckpts.latest_step(), mirror)
     samplers = (policies.Previews(task, config, log), evaluation.Evaluations(task, config, log))
     bad = policies.NonFiniteStreak(config, int(state.bad_streak), ckpts.latest_step)
-    late = policies.OneStepLate(bad.check, log.add)  # in order: a diverged step is not logged
+    late = policies.OneStepLate(log.add, bad.check)  # the step that stops a run is logged too
 
     # -- loop -------------------------------------------------------------------------------
     status, done = "finished", start
@@ -288,7 +322,8 @@ def _already_finished(
 def _prepare_stage_dir(config: Any, wd: workdir_lib.Workdir) -> None:
     """A fresh host of a bucket workdir gets this stage's logs (to continue them) and the
     earlier stages it starts from; process 0 writes the resolved config."""
-    wd.download(config.stage, skip=(workdir_lib.CHECKPOINTS, ckpt_lib.FINAL_EMA))
+    written_in_place = (workdir_lib.CHECKPOINTS, ckpt_lib.FINAL_EMA, ckpt_lib.DAMAGED)
+    wd.download(config.stage, skip=written_in_place)
     for name in _stage_names(config):
         wd.download(f"{name}/export")
         wd.download(f"{name}/{ckpt_lib.FINAL_EMA}")
@@ -302,12 +337,13 @@ def _restore_or_init(
     config: Any,
     task: Any,
     ckpts: ckpt_lib.StageCheckpoints,
-    latest: int | None,
     say: Callable[..., None],
 ) -> tuple[Any, dict | None, int]:
-    """(state, data iterator state or None, first step): the latest checkpoint, else fresh."""
-    if latest is not None:
-        state, data_state, _ = ckpts.restore(task.abstract_state(), latest)
+    """(state, data iterator state or None, first step): the newest checkpoint that restores
+    intact (damaged newer ones are moved aside, with a warning), else fresh."""
+    found = ckpts.restore_newest(task.abstract_state(), warn=ckpt_lib.warn)
+    if found is not None:
+        state, data_state, _, _ = found
         start = int(state.step)
         say(f"[{config.stage}] resumed from step {start} ({ckpts.directory / 'checkpoints'})")
         return state, data_state, start
@@ -341,7 +377,7 @@ def _finish(
     evaluation, ``summary.json`` (completed in ``summary``), the last upload. Returns the
     export."""
     saver.final(step, state)
-    saver.ckpts.save_final_ema(state.ema)
+    saver.ckpts.save_final_ema(state.ema, step)
     # Every process: gathering the sharded weights is collective; process 0 writes.
     export = task.export(state, stage_dir / "export")
     previews, evals = samplers

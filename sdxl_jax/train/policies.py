@@ -148,10 +148,18 @@ class NonFiniteStreak:
     def check(self, step: int, m: dict[str, float], bucket: tuple[int, int]) -> None:
         self.streak = self.streak + 1 if m.get("skipped", 0.0) else 0
         if self.streak >= self.limit:
+            done = step + 1  # steps are counted from 1, as in metrics.jsonl
+            latest = self._latest()
+            kept = (
+                f"the latest checkpoint (step {latest}) is the last good state and a rerun "
+                f"resumes there"
+                if latest is not None
+                else "no checkpoint was saved before them, so a rerun starts over"
+            )
             raise Diverged(
-                f"[{self.stage}] {self.streak} non-finite steps in a row (last: step {step}); "
-                f"stopped without saving: the latest checkpoint (step {self._latest()}) is the "
-                f"last good state. Lower optim.lr, check the data, or raise max_bad_steps"
+                f"[{self.stage}] {self.streak} non-finite steps in a row (steps "
+                f"{done - self.streak + 1}-{done}); stopped without saving them: {kept}. "
+                f"Lower optim.lr, check the data, or raise max_bad_steps"
             )
 
 
