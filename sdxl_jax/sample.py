@@ -190,13 +190,11 @@ def read_image(path: str, height: int | None, width: int | None) -> np.ndarray:
 
     try:
         img = ImageOps.exif_transpose(Image.open(path))
-        if img.mode in ("F", "I"):  # float / int32 images (TIFF): NaN or inf are no pixels
-            if not np.isfinite(np.asarray(img, np.float64)).all():
-                raise UsageError(f"--init-image {path} holds NaN or inf pixels")
     except (OSError, ValueError) as e:
-        if isinstance(e, UsageError):
-            raise
         raise UsageError(f"--init-image {path}: cannot read it as an image ({e})") from e
+    # float / int32 images (TIFF): NaN or inf are no pixels
+    if img.mode in ("F", "I") and not np.isfinite(np.asarray(img, np.float64)).all():
+        raise UsageError(f"--init-image {path} holds NaN or inf pixels")
     if img.mode in ("RGBA", "LA", "P"):
         img = img.convert("RGBA")
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))

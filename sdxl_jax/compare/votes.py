@@ -127,12 +127,11 @@ class VoteStore:
         return None if row is None else {"token": row[0], "prompt": self.items[row[1]].prompt}
 
     def _new_pair(self, db: sqlite3.Connection, voter: str) -> tuple | None:
-        counts: dict[tuple, int] = {}
-        mine = set()
-        for item, a, b, who in db.execute("SELECT item, run_a, run_b, voter FROM votes"):
-            counts[(item, a, b)] = counts.get((item, a, b), 0) + 1
-            if who == voter:
-                mine.add((item, a, b))
+        rows = db.execute(
+            "SELECT item, run_a, run_b, COUNT(*) FROM votes GROUP BY item, run_a, run_b"
+        )
+        counts = {(item, a, b): n for item, a, b, n in rows}
+        mine = set(db.execute("SELECT item, run_a, run_b FROM votes WHERE voter = ?", (voter,)))
         left = [c for c in self.candidates if c not in mine]
         if not left:
             return None
