@@ -1,54 +1,47 @@
-"""Size and crop conditioning of a trained SDXL base (paper section 2.2, figs. 4 and 5), measured.
+"""Size and crop conditioning (paper section 2.2: Table 2, figs. 4 and 5) reproduced at toy size.
 
-    python benchmarks/microconditioning.py --checkpoint runs/tiny_curriculum/base_1024/export \\
-        --out runs/tiny_curriculum/eval/microconditioning
+    python benchmarks/microconditioning.py --workdir runs/microconditioning   # ~40 min, 2 cores
+    python benchmarks/microconditioning.py --workdir /tmp/mcq --quick         # the pieces, ~4 min
 
-Samples the 72 synthetic captions (DDIM, --images-per-caption each) once per condition with the
-same initial noise, so conditions differ only in the time ids (original size, crop top-left,
-target size; the negative branch gets zero text and the same time ids, as diffusers does):
-- crops: (0, 0) and each --crops (top, left) offset. A crop only ever came with an original larger
-  than the bucket, so the original is the image in which the window is centred: target + 2 * crop
-  (crop (0, 32) at 64 px -> original 64x128). Resize-to-cover crops one axis only, so offsets on
-  both axes ((16, 16), (32, 32): the paper's fig. 5 corner case) never occurred in training.
-  The tiny curriculum's centre crops reach 9 px at 64 px (tiny_aspect_64, base_1024) and 16 px
-  at 32 px (tiny_square_32, base_256); larger offsets are extrapolation.
-- original sizes: each --sizes s as s x s at crop (0, 0) (original = target is the (0, 0) row).
-
-Measured with the exact scorer (sdxl_jax.data.synthetic.analyse) per condition:
-- accuracy of colour / shape / position / all three against the caption;
-- placement, from the scorer's shape box (a side cut by the border is restored, so a cut shape's
-  box crosses it): margin_x / margin_y = px from the box to the nearest left/right, top/bottom
-  border (negative: cut); "whole" = box >= 1 px inside every border and its centroid 10..40% of
-  each axis from its near edge (inside its quadrant, clear of border and middle line); "cut" =
-  box within 1 px of a border or beyond; the rest: no shape found, or whole but off-centre;
-- edge width (px): from r2 = gradient energy after / before a Gaussian blur of sigma = 1 px (RGB
-  forward differences). A step edge blurred to a Gaussian of width w has r2 = w / sqrt(w^2 +
-  sigma^2), so w = sigma * r2 / sqrt(1 - r2^2) (~w for w in 0.5..2 px, tested; saturates near
-  3 px on these small shapes); independent of contrast and object size. Mean gradient magnitude
-  is not a sharpness measure here: blur spreads an edge's gradient without changing its sum.
-References from the dataset itself (synthetic.examples, --reference images, centre crops): edge
-width of training images (--bucket-set) by original short side (originals up to 160 px short
-side: 256 is extrapolation), and placement in centre crops into a --size square by crop offset
-(up to --size / 2 for 2:1 images): what those conditioning values meant in the data.
-
-Writes DIR/microconditioning.json and DIR/<condition>.png (contact sheet, caption-major).
+1. Trains in --workdir, each a real ``python -m sdxl_jax.train`` run (rerun: finished stages
+   are skipped, an interrupted one resumes; logs in WORKDIR/logs): the tiny autoencoder on the
+   study's data, then the three bases of ``experiments/microconditioning.py``, same seed, data
+   order and steps: (a) ``discard`` originals under 64 px, (b) ``nocond`` (original size and crop
+   zeroed), (c) ``cond``. The data: synthetic shapes, originals 16..256 px short side (small ones
+   upscaled, so blurry), up to 2:1, the shape 4..26% of the axis from its border, random crops
+   into one 64x64 bucket with their real coordinates (4 cached per record).
+2. Samples the 72 synthetic captions x --images-per-caption (DDIM, guidance 4) with the same
+   initial noise under every condition: (c) at crop (0, 0), at crop (0, L) and (L, 0) (L =
+   --crop, the original being the 64 px window's centred 2:1 image, as in training), and at
+   original sizes --sizes (crop (0, 0)); (b) with its zero vector; (a) at (64, 64), crop (0, 0).
+   Samples are kept in OUT/samples (a rerun reuses them).
+3. Measures every image (``microconditioning_measure``: the exact scorer's accuracy, cut / whole,
+   margins, edge width, a feature distance to the training crops) and compares conditions on
+   the same captions and noise with a paired 95% bootstrap over images.
+4. Writes OUT/microconditioning.json, OUT/crop_effect.png and OUT/size_effect.png (rows:
+   condition; columns: the same caption and noise) and prints Table 2 and one line per effect.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
-# Runnable as a script from the repository root without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runnable from the repository root without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sdxl_jax.data import buckets, images, synthetic  # noqa: E402
+import microconditioning_measure as measure  # noqa: E402
+
+from experiments import microconditioning as study  # noqa: E402
+from sdxl_jax.data import synthetic  # noqa: E402
 
 CAPTIONS = [
     synthetic.caption_for(c, s, p)
@@ -56,231 +49,319 @@ CAPTIONS = [
     for s in synthetic.SHAPES
     for p in synthetic.POSITIONS
 ]
-SIZE_BANDS = ((24, 32), (32, 48), (48, 96), (96, 161))  # reference: original short side, px
-CROP_BANDS = ((0, 0), (1, 10), (11, 20), (21, 32))  # reference: max(top, left), px (at 64 px)
-
-
-def pair(text: str) -> tuple[int, int]:
-    top, left = (int(v) for v in text.split(","))
-    return top, left
+SIZE = 64  # the bucket (tiny_square_64)
+QUICK_DATA = "synthetic:288?min_side=16&max_side=256&edge=0.04-0.26"
+LABELS = {"discard": "(a) discard < 64 px", "nocond": "(b) no conditioning",
+          "cond": "(c) conditioned"}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--checkpoint", required=True, help="an SDXL base diffusers folder (export)")
-    p.add_argument("--images-per-caption", type=int, default=2, help="per condition (default 2)")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    p.add_argument("--workdir", default="runs/microconditioning", help="training workdir")
+    p.add_argument("--out", default="", help="results folder (default WORKDIR/study)")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny budgets: checks the pieces run, not the effects"
+    )
+    p.add_argument("--train-steps", type=int, default=0,
+                   help=f"steps per base (default {study.STEPS}; --quick 30)")  # fmt: skip
+    p.add_argument("--images-per-caption", type=int, default=0,
+                   help="per condition, x72 captions (default 8; --quick 1)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=0, help="DDIM steps (default 25; --quick 4)")
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale (default 4)")
-    p.add_argument("--size", type=int, default=64, help="target (square) side in px (default 64)")
     p.add_argument("--seed", type=int, default=0, help="initial noise seed (same per condition)")
-    p.add_argument("--crops", type=pair, nargs="+", default=[(0, 16), (16, 0), (16, 16),
-                   (0, 32), (32, 32)], help="TOP,LEFT offsets compared with 0,0")  # fmt: skip
-    p.add_argument("--sizes", type=int, nargs="+", default=[24, 32, 128, 256],
-                   help="square original sides compared with --size")  # fmt: skip
-    p.add_argument("--reference", type=int, default=288, help="dataset images for references")
-    p.add_argument("--bucket-set", default="tiny_aspect_64", help="buckets of the training data")
-    p.add_argument("--out", default="microconditioning", help="output folder")
-    return p.parse_args(argv)
+    p.add_argument("--crop", type=int, default=32, help="large crop offset L in px (default 32)")
+    p.add_argument("--sizes", type=int, nargs=2, default=[16, 256], metavar=("SMALL", "LARGE"),
+                   help="original sides compared (default 16 256)")  # fmt: skip
+    p.add_argument("--reference", type=int, default=0,
+                   help="training crops for references (default 2880; --quick 144)")  # fmt: skip
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.train_steps = args.train_steps or (30 if q else study.STEPS)
+    args.images_per_caption = args.images_per_caption or (1 if q else 8)
+    args.steps = args.steps or (4 if q else 25)
+    args.reference = args.reference or (144 if q else 2880)
+    args.data = QUICK_DATA if q else study.DATA
+    args.workdir = Path(args.workdir)
+    args.out = Path(args.out) if args.out else args.workdir / "study"
+    if min(args.train_steps, args.images_per_caption, args.steps, args.reference) < 1:
+        p.error("--train-steps, --images-per-caption, --steps and --reference must be >= 1")
+    if not 0 < args.crop <= SIZE or min(args.sizes) < 8:
+        p.error(f"--crop must be in 1..{SIZE} and --sizes at least 8 px")
+    return args
 
 
-def conditions(size: int, crops, sizes) -> list[dict]:
-    """[{name, original (h, w), crop (top, left)}]: (0, 0) first, then crops, then sizes."""
-    out = [dict(name=f"crop_0_0_size_{size}", original=(size, size), crop=(0, 0))]
-    for top, left in crops:
-        orig = (size + 2 * top, size + 2 * left)  # the window centred in the original
-        out.append(dict(name=f"crop_{top}_{left}", original=orig, crop=(top, left)))
-    out += [dict(name=f"size_{s}", original=(s, s), crop=(0, 0)) for s in sizes if s != size]
+# ----------------------------------------------------------------------------- training
+
+
+def train_commands(args) -> list[tuple[str, list[str]]]:
+    """(stage, argv) of the autoencoder and the three bases, overrides for --quick."""
+    common = [f"--workdir={args.workdir}", f"--compile_cache={args.workdir / 'xla_cache'}"]
+    data = [f"--config.data.path={args.data}"]
+    ae = ["--config=experiments/autoencoder.py:tiny", *data]
+    if args.quick:
+        ae += ["--config.optim.total_steps=30", "--config.optim.warmup_steps=5"]
+    out = [("autoencoder", [*ae, *common])]
+    for variant in study.VARIANTS:
+        argv = [f"--config=experiments/microconditioning.py:{variant}", *data,
+                f"--config.optim.total_steps={args.train_steps}",
+                f"--config.optim.warmup_steps={min(50, args.train_steps // 4)}",
+                f"--config.checkpoint.every_steps={max(args.train_steps // 4, 1)}"]  # fmt: skip
+        out.append((f"microcond_{variant}", [*argv, *common]))
     return out
 
 
-def edge_width(image: np.ndarray, sigma: float = 1.0) -> float:
-    """Effective Gaussian edge width in px of uint8 [H, W, 3] (module docstring); NaN if flat."""
-
-    def energy(a):
-        return (np.diff(a, axis=0) ** 2).sum() + (np.diff(a, axis=1) ** 2).sum()
-
-    x = image.astype(np.float64)
-    e0 = energy(x)
-    if e0 < 1e-6:
-        return float("nan")
-    r2 = min(energy(ndimage.gaussian_filter(x, (sigma, sigma, 0), mode="nearest")) / e0, 0.999)
-    return float(sigma * r2 / np.sqrt(1 - r2 * r2))
-
-
-def placement(analysis: dict, height: int, width: int) -> dict:
-    """{"found", "whole", "cut", "margin_x", "margin_y"} from synthetic.analyse's box/centroid."""
-    box = analysis["box"]
-    if box is None:
-        return dict(found=False, whole=False, cut=False, margin_x=None, margin_y=None)
-    x0, y0, w, h = box
-    mx, my = min(x0, width - x0 - w), min(y0, height - y0 - h)
-    cy, cx = analysis["centroid"]
-    near = [min(cy, height - cy) / height, min(cx, width - cx) / width]  # from the near edge
-    inner = all(0.1 <= f <= 0.4 for f in near)
-    cut = min(mx, my) < 1.0
-    return dict(found=True, whole=not cut and inner, cut=cut, margin_x=mx, margin_y=my)
+def train(args) -> dict[str, float]:
+    """Run (or resume, or skip when finished) every stage; seconds per stage."""
+    logs = args.workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    seconds = {}
+    for stage, argv in train_commands(args):
+        t = time.perf_counter()
+        log = logs / f"{stage}.log"
+        print(f"train {stage} (log: {log}) ...", end=" ", flush=True, file=sys.stderr)
+        with log.open("a") as f:
+            rc = subprocess.run([sys.executable, "-m", "sdxl_jax.train", *argv], cwd=ROOT,
+                                env=env, stdout=f, stderr=subprocess.STDOUT).returncode  # fmt: skip
+        seconds[stage] = round(time.perf_counter() - t, 1)
+        print(f"{seconds[stage]:.0f} s", file=sys.stderr, flush=True)
+        if rc:
+            tail = log.read_text().splitlines()[-15:]
+            raise RuntimeError(f"training {stage} failed (exit {rc}); {log} ends:\n" +
+                               "\n".join(tail))  # fmt: skip
+    return seconds
 
 
-def measure(imgs, captions) -> dict:
-    """Accuracy, placement and edge width of uint8 images [N, H, W, 3] with their captions."""
-    rows = []
-    for img, cap in zip(imgs, captions, strict=True):
-        a = synthetic.analyse(img)
-        want = synthetic.parse_caption(cap) if cap else (None,) * 3
-        got = (a["colour"], a["shape"], a["position"])
-        ok = {k: g == t for k, g, t in zip(("colour", "shape", "position"), got, want, strict=True)}
-        ok["all"] = all(ok.values())
-        rows.append({**ok, **placement(a, *img.shape[:2]), "edge_px": edge_width(img)})
-
-    def mean(key):
-        vals = [float(r[key]) for r in rows if r[key] is not None and np.isfinite(r[key])]
-        return round(float(np.mean(vals)), 3) if vals else None
-
-    keys = ("colour", "shape", "position", "all", "whole", "cut", "found")
-    return {"n": len(rows), **{k: mean(k) for k in (*keys, "margin_x", "margin_y", "edge_px")}}
+# ----------------------------------------------------------------------------- sampling
 
 
-def reference(n: int, bucket_set: str, size: int) -> dict:
-    """Dataset images as training saw them: edge width by original size, placement by crop."""
-    bs = buckets.bucket_set(bucket_set)
-    by_size, by_crop = {b: [] for b in SIZE_BANDS}, {b: [] for b in CROP_BANDS}
-    for ex in synthetic.examples(n):
-        img = images.decode_rgb(ex["image"])
-        short = min(ex["height"], ex["width"])
-        b = bs.nearest(ex["height"], ex["width"])
-        crop = buckets.plan_crop((ex["height"], ex["width"]), bs.sizes[b])
-        for lo, hi in SIZE_BANDS:
-            if lo <= short < hi:
-                by_size[(lo, hi)].append(buckets.apply_crop(img, crop))
-        sq = buckets.plan_crop((ex["height"], ex["width"]), (size, size))
-        off = max(sq.top, sq.left)
-        for lo, hi in CROP_BANDS:
-            if lo <= off <= hi:
-                by_crop[(lo, hi)].append(buckets.apply_crop(img, sq))
-    sizes = {f"{lo}-{hi - 1}": measure(v, [None] * len(v)) for (lo, hi), v in by_size.items() if v}
-    crops = {f"{lo}-{hi}": measure(v, [None] * len(v)) for (lo, hi), v in by_crop.items() if v}
-    return {"edge_by_original_short_side": sizes, "placement_by_crop_offset": crops}
+def conditions(args) -> dict[str, list[dict]]:
+    """{variant: [{name, original (h, w), crop (top, left)}]} sampled per model."""
+    lc = args.crop
+    cond = [dict(name="crop_0_0", original=(SIZE, SIZE), crop=(0, 0)),
+            dict(name=f"crop_0_{lc}", original=(SIZE, SIZE + 2 * lc), crop=(0, lc)),
+            dict(name=f"crop_{lc}_0", original=(SIZE + 2 * lc, SIZE), crop=(lc, 0))]  # fmt: skip
+    cond += [dict(name=f"size_{s}", original=(s, s), crop=(0, 0)) for s in args.sizes if s != SIZE]
+    return {
+        "discard": [dict(name="crop_0_0", original=(SIZE, SIZE), crop=(0, 0))],
+        "nocond": [dict(name="zero", original=(0, 0), crop=(0, 0))],
+        "cond": cond,
+    }
 
 
-def sample(args, conds: list[dict]) -> tuple[dict, dict]:
-    """{name: uint8 [N, H, W, 3]} for every condition (same captions and noise), and timings."""
+def sample(args) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
+    """{variant: {condition: uint8 [N, 64, 64, 3]}}, cached in OUT/samples; seconds per model."""
     from sdxl_jax.inference import generate
 
-    t0 = time.perf_counter()
-    models = generate.check_models(args.checkpoint)
-    if models.base.role != "base":
-        raise ValueError(f"{args.checkpoint} is an SDXL refiner; pass a base export")
-    n = len(CAPTIONS) * args.images_per_caption
-    gen = generate.Generator(models, dtype="fp32", batch_size=n)  # one batch per condition
-    load_s = time.perf_counter() - t0
-    out, cond_s = {}, []
-    for c in conds:
+    cache = args.out / "samples"
+    cache.mkdir(parents=True, exist_ok=True)
+    out, seconds = {}, {}
+    tag = f"ipc{args.images_per_caption}_s{args.steps}_g{args.guidance:g}_seed{args.seed}"
+    for variant, conds in conditions(args).items():
         t = time.perf_counter()
-        request = generate.make_request(
-            models, CAPTIONS, num_images=args.images_per_caption, steps=args.steps,
-            guidance=args.guidance, sampler="ddim", height=args.size, width=args.size,
-            seed=args.seed, original_size=c["original"], crop=c["crop"],
-        )  # fmt: skip
-        out[c["name"]] = gen(request).images
-        cond_s.append(time.perf_counter() - t)
-        print(f"  sampled {c['name']}: {n} images in {cond_s[-1]:.1f} s", file=sys.stderr)
-    return out, dict(load_s=load_s, first_condition_s=cond_s[0], per_condition_s=cond_s[1:])
+        out[variant], gen = {}, None
+        for c in conds:
+            path = cache / f"{variant}_{c['name']}_{tag}.npy"
+            if path.exists():
+                out[variant][c["name"]] = np.load(path)
+                continue
+            if gen is None:
+                models = generate.check_models(args.workdir / f"microcond_{variant}" / "export")
+                gen = generate.Generator(models, dtype="fp32", batch_size=144)
+            request = generate.make_request(
+                models, CAPTIONS, num_images=args.images_per_caption, steps=args.steps,
+                guidance=args.guidance, sampler="ddim", height=SIZE, width=SIZE, seed=args.seed,
+                original_size=c["original"], crop=c["crop"],
+            )  # fmt: skip
+            images = gen(request).images
+            np.save(path, images)
+            out[variant][c["name"]] = images
+            print(f"  sampled {variant} {c['name']}: {len(images)} images", file=sys.stderr)
+        seconds[variant] = round(time.perf_counter() - t, 1)
+    return out, seconds
 
 
-def nearest_band(table: dict, value: int) -> tuple[str, dict]:
-    """The ("lo-hi", row) of a reference table holding ``value``, else the closest band."""
-
-    def distance(key):
-        lo, hi = (int(v) for v in key.split("-"))
-        return max(lo - value, value - hi, 0)
-
-    key = min(table, key=distance)
-    return key, table[key]
+# ----------------------------------------------------------------------------- references
 
 
-def fmt(v, pct: bool = False) -> str:
-    if v is None:
-        return "-"
-    return f"{100 * v:.0f}%" if pct else f"{v:.2f}"
+def reference(args) -> dict:
+    """The training distribution: random crops of the study's data into the bucket, as the
+    cache made them. Returns images, per-image measures, crop offsets and original sizes."""
+    from sdxl_jax.data import buckets, images, sources
+
+    source = sources.open_source(args.data)
+    rng = np.random.default_rng(args.seed)
+    imgs, offsets, shorts = [], [], []
+    for i in range(min(args.reference, len(source))):
+        rec = source.load(i)
+        img = images.decode_rgb(rec.data)
+        crop = buckets.plan_crop(img.shape[:2], (SIZE, SIZE), rng=rng)
+        imgs.append(buckets.apply_crop(img, crop))
+        offsets.append(max(crop.top, crop.left))
+        shorts.append(min(img.shape[:2]))
+    imgs = np.stack(imgs)
+    return dict(images=imgs, values=measure.per_image(imgs, [None] * len(imgs)),
+                offset=np.array(offsets), short=np.array(shorts))  # fmt: skip
+
+
+def reference_tables(ref: dict, crop: int, sizes) -> dict:
+    """Cut rate of training crops by offset and edge width by original size: what the
+    conditioning values meant in the data."""
+    v, off, short = ref["values"], ref["offset"], ref["short"]
+    bands = {"0": off == 0, "1-15": (off >= 1) & (off < 16), "16-47": (off >= 16) & (off < 48),
+             "48-64": off >= 48}  # fmt: skip
+    cut = {k: dict(n=int(m.sum()), cut=measure.summary({"c": v["cut"][m]})["c"])
+           for k, m in bands.items() if m.any()}  # fmt: skip
+    size_bands = {"16-23": (16, 24), "24-47": (24, 48), "48-95": (48, 96), "96-256": (96, 257)}
+    edge = {}
+    for k, (lo, hi) in size_bands.items():
+        m = (short >= lo) & (short < hi)
+        if m.any():
+            edge[k] = dict(n=int(m.sum()), edge_px=measure.summary({"e": v["edge_px"][m]})["e"])
+    near = np.abs(off - crop) <= 4
+    return dict(cut_by_crop_offset=cut, edge_by_original_short_side=edge,
+                cut_near_large_crop=measure.summary({"c": v["cut"][near]})["c"] if near.any()
+                else None, cut_all=measure.summary({"c": v["cut"]})["c"])  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def grid(rows: list[tuple[str, np.ndarray]], columns: list[int], path: Path, scale: int = 2):
+    """A PNG: one row per (label, images), the same image indices in every row."""
+    from PIL import Image, ImageDraw
+
+    tile, label_w, pad = SIZE * scale, 150, 2
+    h = len(rows) * (tile + pad) + pad
+    w = label_w + len(columns) * (tile + pad) + pad
+    sheet = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, imgs) in enumerate(rows):
+        y = pad + r * (tile + pad)
+        draw.text((4, y + tile // 2 - 6), label, fill=(0, 0, 0))
+        for c, i in enumerate(columns):
+            img = Image.fromarray(imgs[i]).resize((tile, tile), Image.Resampling.NEAREST)
+            sheet.paste(img, (label_w + pad + c * (tile + pad), y))
+    sheet.save(path)
+
+
+def effect_line(name: str, what: str, unit: str, labels: tuple[str, str], d: dict) -> str:
+    if d["n"] < 2:
+        return (f"{name}: {what} not measurable at {labels[0]} vs {labels[1]} (n={d['n']} "
+                "images with a shape in both)")  # fmt: skip
+    scale, suffix, digits = (100, "%", 1) if unit == "%" else (1, f" {unit}", 2)
+
+    def f(x, sign=""):
+        return f"{scale * x:{sign}.{digits}f}"
+
+    return (f"{name}: {what} at {labels[0]} {f(d['a'])}{suffix} vs at {labels[1]} "
+            f"{f(d['b'])}{suffix}, difference {f(d['diff'], '+')} [{f(d['lo'], '+')}, "
+            f"{f(d['hi'], '+')}] (95% CI, n={d['n']})")  # fmt: skip
+
+
+def report(args, samples: dict, ref: dict) -> dict:
+    """Table 2 rows, the effects with paired bootstrap intervals, the grids."""
+    prompts = [c for c in CAPTIONS for _ in range(args.images_per_caption)]
+    values = {v: {c: measure.per_image(imgs, prompts) for c, imgs in conds.items()}
+              for v, conds in samples.items()}  # fmt: skip
+    default = {"discard": "crop_0_0", "nocond": "zero", "cond": "crop_0_0"}
+    table = {}
+    for v, c in default.items():
+        row = measure.summary(values[v][c])
+        row["all_ci"] = measure.mean_interval(values[v][c]["all"], resamples=args.resamples)
+        row["fd"] = round(measure.feature_distance(samples[v][c], ref["images"]), 3)
+        table[v] = row
+    boot = dict(resamples=args.resamples)
+    lc, (small, large) = args.crop, args.sizes
+    c = values["cond"]
+
+    def size_key(s):
+        return "crop_0_0" if s == SIZE else f"size_{s}"
+
+    effects = {
+        "crop_left": measure.paired_difference(c["crop_0_0"]["cut"], c[f"crop_0_{lc}"]["cut"],
+                                               **boot),
+        "crop_top": measure.paired_difference(c["crop_0_0"]["cut"], c[f"crop_{lc}_0"]["cut"],
+                                              **boot),
+        "offset_x": measure.paired_difference(c["crop_0_0"]["margin_x"],
+                                              c[f"crop_0_{lc}"]["margin_x"], **boot),
+        "offset_y": measure.paired_difference(c["crop_0_0"]["margin_y"],
+                                              c[f"crop_{lc}_0"]["margin_y"], **boot),
+        "size": measure.paired_difference(c[size_key(small)]["edge_px"],
+                                          c[size_key(large)]["edge_px"], **boot),
+        "baseline_cut": measure.paired_difference(c["crop_0_0"]["cut"],
+                                                  values["nocond"]["zero"]["cut"], **boot),
+    }  # fmt: skip
+    lines = [
+        effect_line("crop effect", "cut rate", "%", ("(0,0)", f"(0,{lc})"), effects["crop_left"]),
+        effect_line("crop effect", "cut rate", "%", ("(0,0)", f"({lc},0)"), effects["crop_top"]),
+        effect_line("offset effect", "left/right margin", "px", ("(0,0)", f"(0,{lc})"),
+                    effects["offset_x"]),
+        effect_line("offset effect", "top/bottom margin", "px", ("(0,0)", f"({lc},0)"),
+                    effects["offset_y"]),
+        effect_line("size effect", "edge width", "px", (f"size {small}", f"size {large}"),
+                    effects["size"]),
+        effect_line("baseline", "cut rate", "%", ("(c) at (0,0)", "(b) unconditioned"),
+                    effects["baseline_cut"]),
+    ]  # fmt: skip
+    columns = [k * args.images_per_caption for k in range(0, len(CAPTIONS), 6)]
+    crop_rows = [("(c) crop (0,0)", samples["cond"]["crop_0_0"]),
+                 (f"(c) crop (0,{lc})", samples["cond"][f"crop_0_{lc}"]),
+                 (f"(c) crop ({lc},0)", samples["cond"][f"crop_{lc}_0"]),
+                 ("(b) no conditioning", samples["nocond"]["zero"])]  # fmt: skip
+    grid(crop_rows, columns, args.out / "crop_effect.png")
+    sizes = sorted({small, SIZE, large})
+    grid([(f"(c) original {s}x{s}", samples["cond"][size_key(s)]) for s in sizes],
+         columns, args.out / "size_effect.png")  # fmt: skip
+    conds = {v: {c: measure.summary(x) for c, x in vs.items()} for v, vs in values.items()}
+    return dict(table2=table, effects=effects, lines=lines, conditions=conds,
+                reference=reference_tables(ref, lc, args.sizes))  # fmt: skip
+
+
+def print_table(result: dict) -> None:
+    print(f"{'model':<22}{'colour':>8}{'shape':>8}{'pos':>8}{'all':>8}  all 95% CI"
+          f"{'cut':>7}{'edge px':>9}{'FD':>8}")  # fmt: skip
+    for v, r in result["table2"].items():
+        pct = "".join(f"{100 * r[k]:7.1f}%" for k in ("colour", "shape", "position", "all"))
+        lo, hi = r["all_ci"]
+        print(f"{LABELS[v]:<22}{pct}  [{100 * lo:4.1f}, {100 * hi:4.1f}]"
+              f"{100 * r['cut']:6.1f}%{r['edge_px']:9.2f}{r['fd']:8.2f}")  # fmt: skip
+    ref = result["reference"]
+    cut = ", ".join(f"{k} px {100 * r['cut']:.0f}% (n={r['n']})"
+                    for k, r in ref["cut_by_crop_offset"].items())  # fmt: skip
+    edge = ", ".join(f"{k} px {r['edge_px']:.2f} (n={r['n']})"
+                     for k, r in ref["edge_by_original_short_side"].items())  # fmt: skip
+    print(f"training crops: cut rate by crop offset {cut}")
+    print(f"training crops: edge width by original short side {edge}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    t_start = time.perf_counter()
-    if args.images_per_caption < 1 or args.steps < 1 or args.size < 8:
-        print("error: need --images-per-caption >= 1, --steps >= 1, --size >= 8", file=sys.stderr)
-        return 2
-    conds = conditions(args.size, args.crops, args.sizes)
+    t0 = time.perf_counter()
+    timings = {}
     try:
-        buckets.bucket_set(args.bucket_set)  # fail before sampling, not after
-        imgs, timings = sample(args, conds)
-    except (FileNotFoundError, ValueError) as e:
+        timings["train_s"] = train(args)
+        samples, timings["sample_s"] = sample(args)
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    from PIL import Image
-
-    from sdxl_jax.inference.outputs import contact_sheet
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        return 1
     t = time.perf_counter()
-    prompts = [c for c in CAPTIONS for _ in range(args.images_per_caption)]
-    for c in conds:
-        c.update(measure(imgs[c["name"]], prompts))
-        Image.fromarray(contact_sheet(list(imgs[c["name"]]))).save(out / f"{c['name']}.png")
-    ref = reference(args.reference, args.bucket_set, args.size)
-    timings.update(measure_s=time.perf_counter() - t, total_s=time.perf_counter() - t_start)
-
-    head = f"{'condition':<18}{'original':>10}{'crop':>9}  colour shape  pos   all  whole  cut"
-    print(head + "  mrg_x  mrg_y  edge_px")
-    for c in conds:
-        o, cr = c["original"], c["crop"]
-        print(
-            f"{c['name']:<18}{f'{o[0]}x{o[1]}':>10}{f'{cr[0]},{cr[1]}':>9}"
-            + "".join(f"{fmt(c[k], True):>6}" for k in ("colour", "shape", "position", "all"))
-            + f"{fmt(c['whole'], True):>7}{fmt(c['cut'], True):>5}"
-            + "".join(f"{fmt(c[k]):>7}" for k in ("margin_x", "margin_y", "edge_px"))
-        )
-    print(f"reference: {args.reference} dataset images ({args.bucket_set}; square for crops)")
-    for band, r in ref["edge_by_original_short_side"].items():
-        print(f"  original short side {band:>7} px: edge {fmt(r['edge_px'])} px (n={r['n']})")
-    for band, r in ref["placement_by_crop_offset"].items():
-        print(
-            f"  crop offset {band:>5} px: whole {fmt(r['whole'], True)}, cut {fmt(r['cut'], True)}"
-            f", margins {fmt(r['margin_x'])} / {fmt(r['margin_y'])} px (n={r['n']})"
-        )
-    base, rest = conds[0], conds[1:]
-    crops = [c for c in rest if c["crop"] != (0, 0)]
-    sizes = sorted([base] + [c for c in rest if c["crop"] == (0, 0)], key=lambda c: c["original"])
-    crop_ref, size_ref = ref["placement_by_crop_offset"], ref["edge_by_original_short_side"]
-    lines = []
-    for c in [base, *crops]:
-        band, r = nearest_band(crop_ref, max(c["crop"]))
-        lines.append(
-            f"crop {c['crop'][0]},{c['crop'][1]}: {fmt(c['whole'], True)} whole, "
-            f"{fmt(c['cut'], True)} cut, margins x/y {fmt(c['margin_x'])}/{fmt(c['margin_y'])} px"
-            f" (dataset crops {band} px: {fmt(r['whole'], True)} whole)"
-        )
-    print("crop effect (fig. 5): " + "; ".join(lines))
-    lines = []
-    for c in sizes:
-        band, r = nearest_band(size_ref, min(c["original"]))
-        lines.append(
-            f"original {c['original'][0]}: edge {fmt(c['edge_px'])} px "
-            f"(dataset {band} px: {fmt(r['edge_px'])})"
-        )
-    print("size effect (fig. 4): " + "; ".join(lines))
-    print(
-        f"time: load {timings['load_s']:.1f} s, first condition {timings['first_condition_s']:.1f}"
-        f" s (compile), {np.mean(timings['per_condition_s'] or [0]):.1f} s per condition after, "
-        f"scoring {timings['measure_s']:.1f} s, total {timings['total_s']:.1f} s"
-    )
-    for c in conds:
-        c["original"], c["crop"] = list(c["original"]), list(c["crop"])
-    result = dict(settings=vars(args), conditions=conds, reference=ref, timings=timings)
-    (out / "microconditioning.json").write_text(json.dumps(result, indent=2, default=list))
+    ref = reference(args)
+    result = report(args, samples, ref)
+    timings["measure_s"] = round(time.perf_counter() - t, 1)
+    timings["total_s"] = round(time.perf_counter() - t0, 1)
+    print_table(result)
+    for line in result["lines"]:
+        print(line)
+    print(f"time: {timings['total_s'] / 60:.1f} min (train {sum(timings['train_s'].values()):.0f}"
+          f" s, sample {sum(timings['sample_s'].values()):.0f} s, measure "
+          f"{timings['measure_s']:.0f} s); results in {args.out}")  # fmt: skip
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    result.update(settings=settings, timings=timings)
+    (args.out / "microconditioning.json").write_text(json.dumps(result, indent=2))
     return 0
 
 

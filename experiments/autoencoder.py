@@ -29,12 +29,14 @@ DIFFUSION_STEP_KEYS = (
     "min_snr_gamma",
     "cond_dropout",
     "ema_warmup",  # the autoencoder's is ae.ema_warmup
+    "micro_conditioning",
 )
 DIFFUSION_KEYS = (
     ("model", "remat"),
     ("model", "checkpoint"),
     ("model", "vae"),
     ("data", "cache"),
+    ("data", "cache_crops"),
     ("log", "sample_prompts"),
     ("log", "sample_size"),
 )

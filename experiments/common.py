@@ -55,6 +55,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
             "num_workers": 8,
             "prefetch": 2,
             "cache": "",  # a folder from python -m sdxl_jax.data.cache, or "auto"
+            # With cache "auto": 0 caches each record's centre crop; K > 0 caches K random
+            # crops per record with their coordinates, one drawn per step (crop conditioning).
+            "cache_crops": 0,
             # kohya's caption options (online text only: cache ''): the chance a caption
             # becomes "", and shuffling its comma-separated tags but the first keep_tags.
             "caption_dropout": 0.0,
@@ -85,6 +88,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
             "cond_dropout": 0.1,
             "ema_decay": 0.9999,
             "ema_warmup": True,  # decay min(ema_decay, (1 + n) / (10 + n)) at step n
+            # False: original size and crop coordinates enter the UNet as zeros (the paper's
+            # Table 2 baseline without size/crop conditioning); sample such a model with
+            # original size (0, 0) and crop (0, 0).
+            "micro_conditioning": True,
         }
     )
     c.checkpoint = ml_collections.ConfigDict({"every_steps": 5000, "keep": 3})

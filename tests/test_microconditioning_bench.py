@@ -1,6 +1,8 @@
-"""Pure helpers of benchmarks/microconditioning.py against closed-form and rendered references."""
+"""benchmarks/microconditioning.py: its measures against closed forms and rendered references,
+its bootstrap against scipy's, and the whole study at --quick size (well formed, not the effect)."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +11,10 @@ from scipy import ndimage
 
 from sdxl_jax.data import buckets, synthetic
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "microconditioning.py"
-_SPEC = importlib.util.spec_from_file_location("microconditioning", _PATH)
+_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+_SPEC = importlib.util.spec_from_file_location(
+    "microconditioning_measure", _BENCH / "microconditioning_measure.py"
+)
 mc = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(mc)
 
@@ -57,23 +61,93 @@ def test_a_centred_crop_of_a_2_to_1_image_cuts_the_shape(position):
     assert p["cut"] and not p["whole"] and p["margin_x"] < 1.0 < p["margin_y"]
 
 
-def test_conditions_centre_the_crop_in_the_original():
-    conds = mc.conditions(64, [(0, 32), (16, 0)], [24, 64, 256])
-    assert [(c["original"], c["crop"]) for c in conds] == [
-        ((64, 64), (0, 0)),
-        ((64, 128), (0, 32)),
-        ((96, 64), (16, 0)),
-        ((24, 24), (0, 0)),
-        ((256, 256), (0, 0)),
+def test_per_image_scores_renders_against_their_captions():
+    imgs, caps = [], []
+    for c, s, p in [("red", "circle", "top left"), ("blue", "square", "bottom right")]:
+        imgs.append(synthetic.render(c, s, p, 64, 64))
+        caps.append(synthetic.caption_for(c, s, p))
+    wrong = synthetic.caption_for("green", "triangle", "top right")
+    v = mc.per_image(np.stack(imgs), [caps[0], wrong])
+    assert v["all"].tolist() == [1.0, 0.0] and v["colour"].tolist() == [1.0, 0.0]
+    assert v["cut"].tolist() == [0.0, 0.0] and v["whole"].tolist() == [1.0, 1.0]
+    assert np.isnan(mc.per_image(np.stack(imgs), [None, None])["all"]).all()
+
+
+def test_paired_bootstrap_matches_scipy():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    a = (rng.random(400) < 0.2).astype(float)
+    b = (rng.random(400) < 0.5).astype(float)
+    b[:10] = np.nan  # left out with their pairs
+    got = mc.paired_difference(a, b, resamples=4000)
+    ok = np.isfinite(b)
+    assert got["n"] == 390 and got["diff"] == pytest.approx(b[ok].mean() - a[ok].mean())
+    ref = stats.bootstrap(
+        (b[ok] - a[ok],), np.mean, method="percentile", n_resamples=4000, random_state=1
+    ).confidence_interval
+    assert got["lo"] == pytest.approx(ref.low, abs=0.012)
+    assert got["hi"] == pytest.approx(ref.high, abs=0.012)
+
+
+def test_feature_distance_is_zero_on_itself_and_grows_with_blur():
+    rng = np.random.default_rng(1)
+    imgs = np.stack([
+        synthetic.render(*[rng.choice(x) for x in (list(synthetic.COLOURS), synthetic.SHAPES,
+                                                   synthetic.POSITIONS)], 64, 64, rng=rng)
+        for _ in range(300)
+    ])  # fmt: skip
+    assert mc.features(imgs).shape == (300, 256)
+    half = mc.feature_distance(imgs[:150], imgs[150:])  # same distribution: sampling noise
+    blurred = np.stack([_blurred(i, 2.0) for i in imgs[:150]])
+    assert mc.feature_distance(blurred, imgs[150:]) > 2 * half
+    assert mc.feature_distance(imgs, imgs) == pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.slow(seconds=240)
+def test_quick_study_runs_end_to_end(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(_BENCH / "microconditioning.py"), "--quick",
+         "--workdir", str(tmp_path / "w"), "--sizes", "16", "128"],
+        cwd=root, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    pattern = (
+        r"-?\d+\.\d+(%| px) vs at .* -?\d+\.\d+(%| px), difference [+-]\d+\.\d+ \[[+-]\d+\.\d+"
+    )
+
+    for name in ("crop effect", "offset effect", "size effect", "baseline"):
+        hits = [x for x in lines if x.startswith(name + ":")]
+        assert hits and all(re.search(pattern, x) for x in hits if name != "offset effect" or
+                            "not measurable" not in x), (name, lines)  # fmt: skip
+    result = json.loads((tmp_path / "w" / "study" / "microconditioning.json").read_text())
+    assert set(result["table2"]) == {"discard", "nocond", "cond"}
+    for row in result["table2"].values():
+        assert row["n"] == 72 and 0 <= row["all"] <= 1 and row["fd"] >= 0
+    for name in ("crop_effect.png", "size_effect.png"):
+        from PIL import Image
+
+        with Image.open(tmp_path / "w" / "study" / name) as im:
+            assert im.size[0] > 12 * 64 and im.size[1] >= 3 * 128
+    # The three bases trained from the same data and budget; (b) with zeroed conditioning.
+    for v in ("discard", "nocond", "cond"):
+        cfg = json.loads((tmp_path / "w" / f"microcond_{v}" / "config.json").read_text())
+        assert cfg["optim"]["total_steps"] == 30
+        assert cfg["step"]["micro_conditioning"] is (v != "nocond")
+        assert cfg["data"]["drop_small"] is (v == "discard")
+    # A rerun reuses trainings and samples.
+    again = subprocess.run(
+        [sys.executable, str(_BENCH / "microconditioning.py"), "--quick",
+         "--workdir", str(tmp_path / "w"), "--sizes", "16", "128"],
+        cwd=root, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert again.returncode == 0 and "sampled" not in again.stderr
+    assert [x for x in again.stdout.splitlines() if x.startswith("crop effect")] == [
+        x for x in lines if x.startswith("crop effect")
     ]
-    assert len({c["name"] for c in conds}) == len(conds)
-    for c in conds[1:3]:  # the crop a resize-to-cover of the original into 64x64 would make
-        plan = buckets.plan_crop(c["original"], (64, 64))
-        assert (plan.top, plan.left) == c["crop"]
-
-
-def test_nearest_band():
-    table = {"0-0": {"a": 0}, "1-10": {"a": 1}, "11-20": {"a": 2}}
-    assert mc.nearest_band(table, 0)[0] == "0-0"
-    assert mc.nearest_band(table, 16)[0] == "11-20"
-    assert mc.nearest_band(table, 32) == ("11-20", {"a": 2})

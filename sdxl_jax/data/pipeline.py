@@ -64,7 +64,8 @@ class DataConfig:
     prefetch: batches buffered per worker process (and read-ahead in-process).
     cache: a cache folder made by ``python -m sdxl_jax.data.cache`` for this dataset and bucket
       set: batches then carry the stored latents and text embeddings instead of images (one
-      fixed crop per record; random_crop and flip do not apply).
+      fixed crop per record, or one of its K cached random crops drawn per step; random_crop
+      and flip do not apply).
     caption_dropout: the probability that an example's caption is replaced by "" (kohya's
       caption_dropout_rate; the empty caption is encoded, unlike the step's cond_dropout).
     shuffle_tags: shuffle the comma-separated tags of each caption, keeping the first
@@ -167,7 +168,12 @@ class _ExampleLoader:
         index, replaced = int(indices[position]), False
         weight = np.float32(1.0 if self.loss_weight is None else self.loss_weight[index])
         if self.cfg.cache:  # latents and embeddings, encoded once (sdxl_jax.data.cache)
-            return {**self.source[index], "index": index, "replaced": False, "step": step,
+            k = 0  # which of the record's cached crops: drawn per step and batch position
+            crops = getattr(self.source, "crops_per_record", 1)
+            if crops > 1:
+                rng = np.random.default_rng((self.cfg.seed, _TAG_CROP, step, position))
+                k = int(rng.integers(crops))
+            return {**self.source.get(index, k), "index": index, "replaced": False, "step": step,
                     "loss_weight": weight}  # fmt: skip
         for attempt in range(MAX_REPLACEMENTS + 1):
             try:

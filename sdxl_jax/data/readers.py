@@ -521,11 +521,51 @@ def synthetic_size(location: str, options: dict[str, str]) -> tuple[int, int]:
     return n, seed
 
 
+# ``synthetic:`` options that shape the images: (example() keyword, parser, example value).
+SYNTHETIC_SHAPE_OPTIONS = {
+    "min_side": ("min_side", int, "16"),
+    "max_side": ("max_side", int, "256"),
+    "max_aspect": ("max_aspect", float, "2"),
+    "square": ("square_fraction", float, "0.2"),
+    "edge": ("edge_range", lambda t: tuple(float(v) for v in t.split("-", 1)), "0.04-0.26"),
+}
+
+
+def synthetic_shape_options(options: dict[str, str]) -> dict[str, Any]:
+    """``synthetic.example`` keywords from ``?min_side=16&max_side=256&max_aspect=2&square=0.2
+    &edge=0.04-0.26`` (short side range in px, long/short limit, share of squares, the shape's
+    outer edge in axis fractions from its border); checked by rendering one example."""
+    from sdxl_jax.data import synthetic
+
+    kw = {}
+    for name, (key, parse, example) in SYNTHETIC_SHAPE_OPTIONS.items():
+        if name in options:
+            try:
+                kw[key] = parse(options[name])
+            except ValueError:
+                raise SourceError(
+                    f"synthetic ?{name}={options[name]!r}: not a value like ?{name}={example}"
+                ) from None
+    if "edge_range" in kw and len(kw["edge_range"]) != 2:
+        raise SourceError(f"synthetic ?edge={options['edge']!r}: give LO-HI, e.g. 0.04-0.26")
+    if not 0 <= kw.get("square_fraction", 0.0) <= 1:
+        raise SourceError(f"synthetic ?square={options['square']!r}: need a fraction in [0, 1]")
+    try:
+        synthetic.example(0, **kw)
+    except ValueError as e:
+        raise SourceError(f"synthetic options {options}: {e}") from None
+    return kw
+
+
 class SyntheticSource(Source):
     def __init__(self, kind: str, location: str, options: dict[str, str]):
         super().__init__(kind, location, options)
         self.n, self.seed = synthetic_size(location, options)
         self.spec = f"synthetic:{self.n}?seed={self.seed}"
+        self.shape_options = synthetic_shape_options(options)
+        self._shape_query = "".join(
+            f"&{k}={options[k]}" for k in SYNTHETIC_SHAPE_OPTIONS if k in options
+        )
         self.colours = tuple(c for c in options.get("colour", "").split(",") if c)
         self.word = options.get("word") or None
         from sdxl_jax.data import synthetic
@@ -539,17 +579,20 @@ class SyntheticSource(Source):
             raise SourceError(f"synthetic ?word={self.word!r}: one lower-case word (a-z)")
         if self.colours or self.word:
             self.spec += f"&colour={','.join(self.colours)}&word={self.word or ''}"
+        self.spec += self._shape_query
 
     def __len__(self) -> int:
         return self.n
 
     def fingerprint(self) -> str:
-        return f"{self.n}:{self.seed}:{','.join(self.colours)}:{self.word or ''}"
+        return f"{self.n}:{self.seed}:{','.join(self.colours)}:{self.word or ''}" + (
+            f":{self._shape_query}" if self._shape_query else ""
+        )
 
     def load(self, i: int) -> RawRecord:
         from sdxl_jax.data import synthetic
 
         # Example i depends only on (i, seed), so any process can make any record.
-        options = {"colours": self.colours, "word": self.word}
+        options = {"colours": self.colours, "word": self.word, **self.shape_options}
         example = next(synthetic.examples(1, seed=self.seed, start=i, **options))
         return RawRecord(example["key"], example["image"], [example["caption"]])

@@ -72,7 +72,7 @@ _OPTIONS = {
     "parquet": ("image", "caption", "key", "root"),
     "webdataset": ("caption",),
     "tfds": ("split", "image", "caption", "key", "data_dir"),
-    "synthetic": ("seed", "colour", "word"),
+    "synthetic": ("seed", "colour", "word", "min_side", "max_side", "max_aspect", "square", "edge"),
 }
 
 

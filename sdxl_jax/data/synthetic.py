@@ -229,6 +229,7 @@ def render(
     *,
     background: tuple[int, int, int] | None = None,
     rng: np.random.Generator | None = None,
+    edge_range: tuple[float, float] = EDGE_RANGE,
 ) -> np.ndarray:
     """uint8 [H, W, 3]: one antialiased shape on a background.
 
@@ -236,15 +237,20 @@ def render(
     tell it from a shape), or None for a random muted one (grey 45..185, tint chroma <= 14,
     luminance gradient +-10) drawn from ``rng``. ``rng`` also draws the size and placement jitter;
     with rng None everything is the middle of its range and the background flat grey 110.
+    ``edge_range``: where the shape's outer edge may sit, as a fraction of each axis from its
+    near border (lower values put shapes nearer the borders; see the placement rule).
     """
     _check(colour, shape, position)
     if min(height, width) < 8:
         raise ValueError(f"image size {(height, width)} is too small; use sides of at least 8 px")
+    lo, hi = edge_range
+    if not 0.0 <= lo <= hi <= 0.3:
+        raise ValueError(f"edge range {edge_range}: need 0 <= lo <= hi <= 0.3 (axis fractions)")
     if rng is None:
-        size, edge = sum(SIZE_RANGE) / 2, (sum(EDGE_RANGE) / 2,) * 2
+        size, edge = sum(SIZE_RANGE) / 2, ((lo + hi) / 2,) * 2
     else:
         size = rng.uniform(*SIZE_RANGE)
-        edge = (rng.uniform(*EDGE_RANGE), rng.uniform(*EDGE_RANGE))
+        edge = (rng.uniform(lo, hi), rng.uniform(lo, hi))
     if background is not None:
         bg = np.broadcast_to(np.asarray(background, np.float32), (height, width, 3))
     elif rng is None:
@@ -298,11 +304,13 @@ def example(
     square_fraction: float = 0.2,
     colours: Sequence[str] = (),
     word: str | None = None,
+    edge_range: tuple[float, float] = EDGE_RANGE,
 ) -> dict:
     """Example ``index`` of ``examples``: a pure function of (index, seed) and the options.
 
     ``colours``: draw only these colours; ``word``: caption the colour with this word instead
-    ("a blorp circle in the top left" for a purple one: a concept to teach a trained model).
+    ("a blorp circle in the top left" for a purple one: a concept to teach a trained model);
+    ``edge_range``: the shape's outer edge, in axis fractions from its near border (``render``).
     """
     for c in colours:
         if c not in COLOURS:
@@ -316,7 +324,7 @@ def example(
     colour, shape, position = _combination(index, seed, colours)
     rng = np.random.default_rng((seed, 1, index))
     height, width = _size(rng, min_side, max_side, max_aspect, square_fraction)
-    image = render(colour, shape, position, height, width, rng=rng)
+    image = render(colour, shape, position, height, width, rng=rng, edge_range=edge_range)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return {

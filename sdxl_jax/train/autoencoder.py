@@ -107,14 +107,14 @@ def validate(config: Any, n_devices: int) -> None:
 
 
 def dataset_images(path: str, bucket_set: str, n: int) -> np.ndarray:
-    """The first ``n`` images of a prepared dataset (or of ``synthetic:N[?seed=S]``, rendered),
+    """The first ``n`` images of a prepared dataset (or of ``synthetic:N[?options]``, rendered),
     centre-cropped to the bucket set's most square bucket: float32 [n, h, w, 3] in [-1, 1], the
     same on every host."""
-    if path.startswith("synthetic:"):
-        from sdxl_jax.data import sources, synthetic
+    if path.startswith("synthetic:"):  # rendered, with the spec's options
+        from sdxl_jax.data import sources
 
-        count, seed = sources.parse_synthetic(path)
-        encoded = [e["image"] for e in synthetic.examples(min(n, count), seed)]
+        synth = sources.open_source(path)
+        encoded = [synth.load(i).data for i in range(min(n, len(synth)))]
     else:
         from sdxl_jax.data.batching import open_source
 

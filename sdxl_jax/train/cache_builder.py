@@ -1,6 +1,7 @@
 """Build a latent cache (the layout of :mod:`sdxl_jax.data.cache`) with the frozen encoders.
 
-Each record of a prepared dataset is centre-cropped to its bucket, encoded by the frozen VAE
+Each record of a prepared dataset is centre-cropped to its bucket (or cut at ``random_crops``
+random windows, each kept with its coordinates), encoded by the frozen VAE
 (diffusion-scale posterior mean and log-variance) and its caption by both text encoders (context
 and pooled embedding); a bucket's rows go to memory-mapped ``.npy`` files, ``DONE`` last. The
 data layer only reads caches (``CachedSource``); building one needs the models, so it lives here.
@@ -25,6 +26,7 @@ from sdxl_jax.data import buckets as buckets_lib
 from sdxl_jax.data import cache as cache_lib
 from sdxl_jax.workdir import is_remote
 
+_TAG_CACHE_CROP = 11  # random stream of a record's cached crops
 # (pixels [B, h, w, 3] in [-1, 1], token ids [B, 2, 77]) -> the four ARRAYS, B rows each
 EncodeFn = Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
 
@@ -39,8 +41,14 @@ def build_cache(
     batch_size: int = 8,
     dtype: str = "float16",
     progress: bool = True,
+    random_crops: int = 0,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Encode every record of the dataset at ``data`` (a prepared TFDS directory)."""
+    """Encode every record of the dataset at ``data`` (a prepared TFDS directory): its centre
+    crop, or with ``random_crops`` = K > 0, K uniformly random crops (windows drawn from
+    ``seed`` and the record, so a rebuild is identical), stored as K consecutive rows."""
+    if random_crops < 0:
+        raise ValueError(f"random_crops={random_crops}: need 0 (centre crops) or a count >= 1")
     from tqdm import tqdm
 
     data, out = (data if is_remote(data) else Path(data)), Path(out)  # data may be gs://
@@ -51,29 +59,33 @@ def build_cache(
 
     row = np.full(len(record_bucket), -1, np.int64)
     orig = np.stack([heights, widths], -1).astype(np.int32)
-    crops = np.zeros((len(record_bucket), 2), np.int32)
+    k = max(random_crops, 1)
+    crops = np.zeros((len(record_bucket), k, 2), np.int32)
     target = np.zeros((len(record_bucket), 2), np.int32)
     skipped = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=int((record_bucket >= 0).sum()), unit="img", desc="caching",
+    bar = tqdm(total=int((record_bucket >= 0).sum()) * k, unit="img", desc="caching",
                disable=not progress, file=sys.stderr)  # fmt: skip
     for b in np.unique(record_bucket[record_bucket >= 0]):
         members = np.flatnonzero(record_bucket == b)
         size = bset.sizes[b]
-        plans = bucket_crops(members, heights, widths, size, int(b))
+        plans = bucket_crops(members, heights, widths, size, int(b), random_crops, seed)
         for j, i in enumerate(members):
-            crops[i], target[i], row[i] = plans[int(i)].crop_coords_top_left, size, j
+            crops[i] = [p.crop_coords_top_left for p in plans[j * k : (j + 1) * k]]
+            target[i], row[i] = size, j * k
         folder = out / f"bucket_{b}"
         if (folder / "DONE").exists():
-            bar.update(len(members))
+            bar.update(len(plans))
             continue
-        skipped += write_bucket(folder, members, plans, source, encode, batch, store, bar.update)
+        rows = np.repeat(members, k)  # record-major: record j's crops are rows j*k .. j*k+k-1
+        skipped += write_bucket(folder, rows, plans, source, encode, batch, store, bar.update)
     bar.close()
     np.savez(out / cache_lib.INDEX, bucket=record_bucket, row=row, original_size=orig,
-             crop_coords_top_left=crops, target_size=target)  # fmt: skip
+             crop_coords_top_left=crops if random_crops else crops[:, 0],
+             target_size=target)  # fmt: skip
     meta = dict(
         checkpoint=str(checkpoint), vae=str(vae_path), data=str(data), bucket_set=bucket_set,
-        crop="centre",
+        crop="random" if random_crops else "centre", crops_per_record=k, crop_seed=seed,
         dtype=dtype, scaling_factor=scaling_factor, undecodable=skipped,
         records=int((row >= 0).sum()), seconds=round(time.perf_counter() - t0, 2),
     )  # fmt: skip
@@ -102,13 +114,25 @@ def _open_dataset(data: str | Path, bucket_set: str) -> tuple[Any, ...]:
 
 
 def bucket_crops(
-    members: np.ndarray, heights: np.ndarray, widths: np.ndarray, size: tuple[int, int], b: int
-) -> dict[int, buckets_lib.Crop]:
-    """Record -> its centre crop into bucket ``b`` of ``size``, planned from the recorded size."""
-    return {
-        int(i): buckets_lib.plan_crop((int(heights[i]), int(widths[i])), size, bucket=b, rng=None)
-        for i in members
-    }
+    members: np.ndarray,
+    heights: np.ndarray,
+    widths: np.ndarray,
+    size: tuple[int, int],
+    b: int,
+    random_crops: int = 0,
+    seed: int = 0,
+) -> list[buckets_lib.Crop]:
+    """The crops of ``members`` into bucket ``b`` of ``size``, planned from the recorded sizes:
+    one centre crop each, or ``random_crops`` random ones each (record-major)."""
+    out = []
+    for i in members:
+        orig = (int(heights[i]), int(widths[i]))
+        if not random_crops:
+            out.append(buckets_lib.plan_crop(orig, size, bucket=b, rng=None))
+            continue
+        rng = np.random.default_rng((seed, _TAG_CACHE_CROP, int(i)))
+        out += [buckets_lib.plan_crop(orig, size, bucket=b, rng=rng) for _ in range(random_crops)]
+    return out
 
 
 def make_encoder(
@@ -177,13 +201,13 @@ def load_text_encoders(checkpoint: str | Path) -> tuple[Any, Any, Any]:
 
 
 def load_batch(
-    source: Any, ids: np.ndarray, crops: dict[int, buckets_lib.Crop]
+    source: Any, ids: np.ndarray, crops: Sequence[buckets_lib.Crop]
 ) -> tuple[np.ndarray, list[str], int]:
     """(pixels [B, h, w, 3] float32 in [-1, 1], captions, undecodable count) of records
-    ``ids``; an undecodable image becomes mid-grey."""
+    ``ids`` cut by ``crops`` (one each); an undecodable image becomes mid-grey."""
     pixels, captions, bad = [], [], 0
-    for i in ids:
-        rec, crop = source[int(i)], crops[int(i)]
+    for i, crop in zip(ids, crops, strict=True):
+        rec = source[int(i)]
         try:  # decoded only as large as the crop needs (JPEG draft scaling)
             img = images.decode_rgb(rec["image"], min_size=crop.resized_size)
         except images.BadImage:
@@ -198,22 +222,24 @@ def load_batch(
 def write_bucket(
     folder: Path,
     members: np.ndarray,
-    crops: dict[int, buckets_lib.Crop],
+    crops: Sequence[buckets_lib.Crop],
     source: Any,
     encode: EncodeFn,
     batch: int,
     store: np.dtype,
     advance: Callable[[int], Any],
 ) -> int:
-    """Encode one bucket's records into ``folder/{ARRAYS}.npy`` (a row per record, in
-    ``members`` order), then ``DONE``; returns how many images were undecodable (a batch's
+    """Encode one bucket's records into ``folder/{ARRAYS}.npy`` (a row per entry of ``members``
+    with its crop, in order), then ``DONE``; returns how many images were undecodable (a batch's
     padding repeats its last record, and counts again)."""
     folder.mkdir(parents=True, exist_ok=True)
     files, bad = None, 0
     for start in range(0, len(members), batch):
         ids = members[start : start + batch]
         full = np.concatenate([ids, np.repeat(ids[-1:], batch - len(ids))])
-        pixels, captions, n_bad = load_batch(source, full, crops)
+        plans = list(crops[start : start + batch])
+        plans += [plans[-1]] * (batch - len(ids))
+        pixels, captions, n_bad = load_batch(source, full, plans)
         bad += n_bad
         outs = [a[: len(ids)].astype(store) for a in encode(pixels, captions)]
         if files is None:
@@ -253,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
                    "fetched")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8, help="images per encoder call (8)")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    p.add_argument("--random-crops", type=int, default=0, metavar="K",
+                   help="cache K random crops per record with their coordinates (training draws "
+                   "one per step) instead of one centre crop (0, the default)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the random crops (0)")
     args = p.parse_args(argv)
     from sdxl_jax import workdir as wl
 
@@ -260,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt, vae = (wl.fetch(p) if p else p for p in (args.checkpoint, args.vae))
         meta = build_cache(args.data, ckpt, out, bucket_set=args.bucket_set, vae=vae,
-                           batch_size=args.batch_size, dtype=args.dtype)  # fmt: skip
+                           batch_size=args.batch_size, dtype=args.dtype,
+                           random_crops=args.random_crops, seed=args.seed)  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

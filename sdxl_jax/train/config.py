@@ -210,6 +210,15 @@ def validate(config: Any, n_devices: int) -> None:
         )
     if diffusion and not 0 <= s.cond_dropout < 1:
         problems.append(f"step.cond_dropout {s.cond_dropout}: need 0 <= p < 1")
+    crops = config.data.get("cache_crops", 0)
+    if not isinstance(crops, int) or crops < 0:
+        problems.append(f"data.cache_crops {crops!r}: need 0 (centre crops) or a count >= 1")
+    elif crops and config.data.get("cache", "") != "auto":
+        problems.append(
+            f"data.cache_crops {crops} caches random crops when data.cache is 'auto' (it is "
+            f"{config.data.get('cache', '')!r}): set --config.data.cache=auto, or build the "
+            "cache with python -m sdxl_jax.data.cache --random-crops K"
+        )
     if not config.optim.lr > 0:  # also NaN
         problems.append(f"optim.lr {config.optim.lr}: need a learning rate > 0, e.g. 1e-4")
     if config.optim.warmup_steps > config.optim.total_steps:

@@ -45,7 +45,7 @@ from sdxl_jax.train import state as state_lib
 from sdxl_jax.train import step as step_lib
 from sdxl_jax.train import warm_start
 from sdxl_jax.train.tiny_frozen import TINY_FROZEN, build_tiny_frozen
-from sdxl_jax.weights import configs, diffusers_io, formats
+from sdxl_jax.weights import config_checks, configs, diffusers_io, formats
 from sdxl_jax.weights.components import COMPONENTS
 
 ARRAY_KEYS = ("original_size", "crop_coords_top_left", "target_size")
@@ -126,6 +126,7 @@ def step_config(config: Any) -> step_lib.StepConfig:
         ema_warmup=s.get("ema_warmup", True),
         compute_dtype=config.model.compute_dtype,
         refiner=is_refiner(config),
+        micro_conditioning=s.get("micro_conditioning", True),
         schedule=NoiseSchedule(prediction_type=s.prediction_type),
     )
 
@@ -325,7 +326,9 @@ class DiffusionTask:
     def _stage_unet_config(export: Path) -> UNetConfig | None:
         """The UNet config of a previous stage's export (diffusers config.json), if exported."""
         path = export / "unet" / "config.json"
-        return configs.unet_from_reference(json.loads(path.read_text())) if path.exists() else None
+        if not path.exists():
+            return None
+        return configs.unet_from_reference(config_checks.read_json_object(path), where=str(path))
 
     def step(self, state: Any, batch: Mapping[str, jax.Array]) -> tuple[Any, dict]:
         with jax.set_mesh(self.mesh):  # activations stay batch-split (layers.constrain_batch)

@@ -107,6 +107,7 @@ def resolve_data(config: Any, workdir: Path, say: Callable[..., None] = print) -
         return dreambooth.prepare_data(config, workdir, init, say)
     if not path.startswith("synthetic:"):
         return path
+    from sdxl_jax.data.readers import SYNTHETIC_SHAPE_OPTIONS
     from sdxl_jax.data.sources import parse_spec, parse_synthetic
 
     n, seed = parse_synthetic(path)
@@ -114,6 +115,8 @@ def resolve_data(config: Any, workdir: Path, say: Callable[..., None] = print) -
     options = parse_spec(path)[2]
     for key in ("colour", "word"):  # a concept's images (DreamBooth, LoRA)
         name += f"_{options[key].replace(',', '_')}" if options.get(key) else ""
+    for key in SYNTHETIC_SHAPE_OPTIONS:  # sizes and placement (experiments/microconditioning)
+        name += f"_{key}{options[key]}" if options.get(key) else ""
     out = Path(workdir) / "data" / name
 
     def build() -> None:
@@ -129,7 +132,8 @@ def resolve_data(config: Any, workdir: Path, say: Callable[..., None] = print) -
 def resolve_cache(config: Any, workdir: Path, data: str) -> str:
     """``data.cache``: a cache folder (``gs://...``: fetched to each host's disk first), empty
     (online encoding), or ``auto``: built once into ``<workdir>/cache/<bucket set>`` with the
-    stage's frozen encoders (rebuilt if they change)."""
+    stage's frozen encoders (rebuilt if they change); with ``data.cache_crops`` = K > 0, K random
+    crops per record (``<bucket set>_random<K>``; the crops drawn from ``seed``)."""
     cache_dir = config.data.get("cache", "")
     if workdir_lib.is_remote(cache_dir):  # memory-mapped: each host reads its own copy
         return str(workdir_lib.fetch(cache_dir))
@@ -140,15 +144,18 @@ def resolve_cache(config: Any, workdir: Path, data: str) -> str:
     from sdxl_jax.train.diffusion_task import frozen_sources
 
     ckpt, vae = frozen_sources(config, workdir)
-    out = Path(workdir) / "cache" / config.data.bucket_set
+    crops = int(config.data.get("cache_crops", 0))
+    name = config.data.bucket_set + (f"_random{crops}" if crops else "")
+    out = Path(workdir) / "cache" / name
     meta = out / cache.META
-    want = (str(ckpt), str(vae), data)
+    want = (str(ckpt), str(vae), data, crops and config.seed)
 
     def current() -> bool:
         if not meta.exists():
             return False
         m = json.loads(meta.read_text())
-        return (m.get("checkpoint"), m.get("vae"), m.get("data")) == want
+        got = (m.get("checkpoint"), m.get("vae"), m.get("data"), crops and m.get("crop_seed"))
+        return got == want
 
     def build() -> None:
         if out.exists():  # built from other encoders or data
@@ -158,7 +165,7 @@ def resolve_cache(config: Any, workdir: Path, data: str) -> str:
         print(f"data: caching latents and text embeddings into {out}", flush=True)
         cache_builder.build_cache(
             data, ckpt, out, bucket_set=config.data.bucket_set, vae=vae, batch_size=64,
-            dtype="float32", progress=False,
+            dtype="float32", progress=False, random_crops=crops, seed=config.seed,
         )  # fmt: skip
 
     distributed.lead_first(f"cache {out}", current, build)

@@ -69,6 +69,9 @@ class StepConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at step n
     compute_dtype: str = "bfloat16"  # the UNet graph must be built with this dtype
     refiner: bool = False  # 5 time ids: sizes, crop, aesthetic score
+    # False: original size and crop coordinates enter as zeros (no size / crop conditioning,
+    # the paper's Table 2 baseline); the target size (base) and aesthetic score stay.
+    micro_conditioning: bool = True
     # The refiner's score when the batch has no "aesthetic_score" (diffusers' default).
     aesthetic_score: float = conditioning.AESTHETIC_SCORE
     schedule: NoiseSchedule = NoiseSchedule()
@@ -344,8 +347,11 @@ def loss_fn(
 def time_ids(batch: dict[str, jax.Array], cfg: StepConfig) -> jax.Array:
     """Micro-conditioning from the batch (:mod:`sdxl_jax.conditioning`): [B, 6] (original h, w,
     crop top, left, target h, w), refiner [B, 5] (original h, w, crop top, left, aesthetic
-    score: the batch's ``aesthetic_score``, else ``cfg.aesthetic_score``)."""
+    score: the batch's ``aesthetic_score``, else ``cfg.aesthetic_score``); original size and
+    crop zeroed when ``cfg.micro_conditioning`` is False."""
     orig, crop = batch["original_size"], batch["crop_coords_top_left"]
+    if not cfg.micro_conditioning:
+        orig, crop = jnp.zeros_like(orig), jnp.zeros_like(crop)
     if not cfg.refiner:
         return conditioning.base_time_ids(orig, crop, batch["target_size"])
     return conditioning.refiner_time_ids(
