@@ -38,7 +38,7 @@ from sdxl_jax.inference.generate import DTYPES, Models, NonFiniteError, Request,
 RECORD_KEYS = (
     "index", "prompt", "negative_prompt", "image_of_prompt", "seed", "noise", "height", "width",
     "steps", "sampler", "karras", "guidance", "checkpoint", "refiner", "handoff", "init_image",
-    "strength",
+    "strength", "original_size", "crop",
 )  # fmt: skip
 
 
@@ -92,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "else cut down to a multiple of 8)",
     )
     g.add_argument("--strength", type=float, default=0.3, help="img2img noise strength (0.3)")
+    g.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="size conditioning: the original image size the model is told "
+                   "(default: --height --width; 0 0 for a model trained without it)")  # fmt: skip
+    g.add_argument("--crop", type=int, nargs=2, default=(0, 0), metavar=("TOP", "LEFT"),
+                   help="crop conditioning: the crop's top-left corner (default 0 0: "
+                   "uncropped, object-centred images)")  # fmt: skip
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--batch-size", type=int, help="images per compiled call (default: devices)")
@@ -266,6 +272,8 @@ def validate(args: argparse.Namespace) -> Job:
         width=args.width, steps=args.steps, sampler=args.sampler, karras=args.karras,
         spacing=args.spacing, seed=args.seed, noise=noise, handoff=args.handoff,
         init_image=image, strength=args.strength,
+        original_size=tuple(args.original_size) if args.original_size else None,
+        crop=tuple(args.crop),
     )  # fmt: skip
     try:
         request = make_request(models, prompt_set.texts, guidance=args.guidance[0], **options)

@@ -61,6 +61,30 @@ def test_base_matches_diffusers(sampler, tiny_sdxl, tmp_path):
     assert np.abs(plain - want).mean() > 5 / 255
 
 
+def test_size_and_crop_conditioning_match_diffusers(tiny_sdxl, tmp_path):
+    base, _ = tiny_sdxl
+    noise, path = noise_file(tmp_path, len(PROMPTS))
+    kw = dict(sampler="ddim", steps=8, guidance=6.0, height=H, width=W)
+    micro = dict(original_size=(24, 200), crops_coords_top_left=(16, 40))
+    want = ref.reference_images(base, prompt=PROMPTS, latents=noise, **kw, **micro)
+    got, manifest, _ = ours(
+        tmp_path, "--checkpoint", base, *prompt_args(), "--noise", path, "--sampler", "ddim",
+        "--steps", 8, "--guidance", 6.0, "--height", H, "--width", W,
+        "--original-size", 24, 200, "--crop", 16, 40,
+    )  # fmt: skip
+    assert_same_images(got, want)
+    assert manifest["images"][0]["original_size"] == [24, 200]
+    assert manifest["images"][0]["crop"] == [16, 40]
+    plain = ref.reference_images(base, prompt=PROMPTS, latents=noise, **kw)
+    assert np.abs(plain - want).mean() > 1 / 255  # the conditioning changed the images
+    _, manifest, _ = ours(
+        tmp_path, "--checkpoint", base, "--prompt", "x", "--steps", 1, "--height", 32,
+        "--width", 48, name="default",
+    )  # fmt: skip
+    assert manifest["images"][0]["original_size"] == [32, 48]
+    assert manifest["images"][0]["crop"] == [0, 0]
+
+
 def test_negative_prompt_and_karras_match_diffusers(tiny_sdxl, tmp_path):
     base, _ = tiny_sdxl
     noise, path = noise_file(tmp_path, 1, seed=3)
@@ -180,6 +204,7 @@ def test_seeded_noise_does_not_depend_on_batching(tiny_sdxl, tmp_path):
         (["--sampler", "euler_a", "--karras"], "Karras sigmas are available for"),
         (["--init-image", "missing.png"], "does not exist"),
         (["--out", "gs://bucket/samples"], "writes a local folder"),
+        (["--crop", "-8", "0"], "--crop (-8, 0): need two integers >= 0"),
     ],
 )
 def test_bad_arguments_fail_before_loading(args, message, tiny_sdxl, tmp_path, capsys):

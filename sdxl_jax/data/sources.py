@@ -32,6 +32,10 @@ picklable (lists of paths / offsets), and file handles are opened lazily per pro
   synthetic:N[?seed=S]            N examples of sdxl_jax.data.synthetic (default seed 0).
                                   ?colour=C[,C2]: only these colours; ?word=W: captions name
                                   the colour W instead (a new word to teach: DreamBooth).
+                                  ?min_side=16&max_side=256: short side range in px (24..160);
+                                  ?max_aspect=2 and ?square=0.2: long/short limit and share of
+                                  squares; ?edge=0.04-0.26: the shape's outer edge in axis
+                                  fractions from its border (0.22-0.26; lower: nearer borders).
 
 Every kind also takes ?repeats=N (each record used N times per epoch, times a kohya folder's
 N) and ?loss_weight=W (its loss weight: a class / regularisation set's prior-preservation

@@ -165,6 +165,9 @@ def make_request(
     if refiner is not None and not 0 < handoff < 1:
         raise UsageError(f"--handoff must be in (0, 1), got {handoff}")
     height, width = _size(models, height, width, init_image)
+    for name, v in (("--original-size", original_size), ("--crop", crop)):
+        if v is not None and (len(v) != 2 or any(int(x) != x or x < 0 for x in v)):
+            raise UsageError(f"{name} {v}: need two integers >= 0 (height width / top left)")
     from sdxl_jax.inference.checkpoints import default_sampler
 
     sampler = sampler or default_sampler(base.path)
@@ -196,7 +199,9 @@ def make_request(
     return Request(
         prompts, negative_prompt, num_images, seed, height, width, guidance, steps, sampler,
         karras, base_steps, refiner_steps, handoff if refiner else None, init_image,
-        strength if img2img else None, noise, original_size, tuple(crop),
+        strength if img2img else None, noise,
+        tuple(int(x) for x in original_size) if original_size is not None else None,
+        tuple(int(x) for x in crop),
     )  # fmt: skip
 
 
@@ -397,6 +402,7 @@ class Generator:
             karras=r.karras, guidance=r.guidance, checkpoint=str(self.models.base.path),
             refiner=str(self.models.refiner.path) if self.models.refiner else None,
             handoff=r.handoff, strength=r.strength,
+            original_size=list(r.original_size or (r.height, r.width)), crop=list(r.crop),
         )  # fmt: skip
 
 

@@ -335,8 +335,11 @@ def reference_images(
     denoising_end: float | None = None,
     output_type: str = "np",
     seed: int = 0,
+    **micro: tuple[int, int],
 ) -> np.ndarray:
     """Run the diffusers base pipeline in ``folder`` from the given initial ``latents``.
+
+    ``micro``: the pipeline's ``original_size`` / ``crops_coords_top_left`` (micro-conditioning).
 
     ``latents`` is [N, 4, H/8, W/8] standard normal (diffusers scales it by the initial sigma).
     ``seed`` only feeds the generator of stochastic samplers (``euler_a``). Returns images
@@ -355,6 +358,7 @@ def reference_images(
         denoising_end=denoising_end,
         output_type=output_type,
         generator=torch.Generator().manual_seed(seed),
+        **micro,
     ).images
     return _to_numpy(out)
 
