@@ -334,7 +334,7 @@ def print_table(result: dict) -> None:
                     for k, r in ref["cut_by_crop_offset"].items())  # fmt: skip
     edge = ", ".join(f"{k} px {r['edge_px']:.2f} (n={r['n']})"
                      for k, r in ref["edge_by_original_short_side"].items())  # fmt: skip
-    print(f"training crops: cut rate by crop offset {cut}")
+    print(f"training crops: cut rate {100 * ref['cut_all']:.1f}% overall; by crop offset {cut}")
     print(f"training crops: edge width by original short side {edge}")
 
 
