@@ -165,9 +165,7 @@ def make_request(
     if refiner is not None and not 0 < handoff < 1:
         raise UsageError(f"--handoff must be in (0, 1), got {handoff}")
     height, width = _size(models, height, width, init_image)
-    for name, v in (("--original-size", original_size), ("--crop", crop)):
-        if v is not None and (len(v) != 2 or any(int(x) != x or x < 0 for x in v)):
-            raise UsageError(f"{name} {v}: need two integers >= 0 (height width / top left)")
+    original_size, crop = _micro_conditioning(original_size, crop)
     from sdxl_jax.inference.checkpoints import default_sampler
 
     sampler = sampler or default_sampler(base.path)
@@ -189,20 +187,33 @@ def make_request(
         raise UsageError(str(e)) from e
     karras = base_steps.karras
     if noise is not None:
-        f, c = models.factor, base.configs["unet"].in_channels
-        want = (len(prompts) * num_images, c, height // f, width // f)
-        if noise.shape != want or noise.dtype != np.float32:
-            raise UsageError(
-                f"--noise is {noise.dtype} {list(noise.shape)}; expected float32 {list(want)} "
-                f"([images, channels, height/{f}, width/{f}])"
-            )
+        _check_noise(models, noise, (len(prompts) * num_images, height, width))
     return Request(
         prompts, negative_prompt, num_images, seed, height, width, guidance, steps, sampler,
         karras, base_steps, refiner_steps, handoff if refiner else None, init_image,
-        strength if img2img else None, noise,
-        tuple(int(x) for x in original_size) if original_size is not None else None,
-        tuple(int(x) for x in crop),
+        strength if img2img else None, noise, original_size, crop,
     )  # fmt: skip
+
+
+def _micro_conditioning(original_size, crop) -> tuple[tuple[int, int] | None, tuple[int, int]]:
+    """``--original-size`` / ``--crop`` as int pairs (>= 0), or a :class:`UsageError`."""
+    for name, v in (("--original-size", original_size), ("--crop", crop)):
+        if v is not None and (len(v) != 2 or any(int(x) != x or x < 0 for x in v)):
+            raise UsageError(f"{name} {v}: need two integers >= 0 (height width / top left)")
+    size = tuple(int(x) for x in original_size) if original_size is not None else None
+    return size, tuple(int(x) for x in crop)
+
+
+def _check_noise(models: Models, noise: np.ndarray, images_height_width) -> None:
+    """``--noise`` must be float32 [images, channels, height/f, width/f]."""
+    n, height, width = images_height_width
+    f, c = models.factor, models.base.configs["unet"].in_channels
+    want = (n, c, height // f, width // f)
+    if noise.shape != want or noise.dtype != np.float32:
+        raise UsageError(
+            f"--noise is {noise.dtype} {list(noise.shape)}; expected float32 {list(want)} "
+            f"([images, channels, height/{f}, width/{f}])"
+        )
 
 
 def _size(
