@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="tiny budgets: checks the pieces run, not the effects"
     )
     p.add_argument("--train-steps", type=int, default=0,
-                   help=f"steps per base (default {study.STEPS}; --quick 30)")  # fmt: skip
+                   help=f"steps per base (default {study.STEPS}; --quick 12)")  # fmt: skip
     p.add_argument("--images-per-caption", type=int, default=0,
                    help="per condition, x72 captions (default 8; --quick 1)")  # fmt: skip
     p.add_argument("--steps", type=int, default=0, help="DDIM steps (default 25; --quick 4)")
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     args = p.parse_args(argv)
     q = args.quick
-    args.train_steps = args.train_steps or (30 if q else study.STEPS)
+    args.train_steps = args.train_steps or (12 if q else study.STEPS)
     args.images_per_caption = args.images_per_caption or (1 if q else 8)
     args.steps = args.steps or (4 if q else 25)
     args.reference = args.reference or (144 if q else 2880)
@@ -100,15 +100,19 @@ def train_commands(args) -> list[tuple[str, list[str]]]:
     """(stage, argv) of the autoencoder and the three bases, overrides for --quick."""
     common = [f"--workdir={args.workdir}", f"--compile_cache={args.workdir / 'xla_cache'}"]
     data = [f"--config.data.path={args.data}"]
-    ae = ["--config=experiments/autoencoder.py:tiny", *data]
+    ae = ["--config=experiments/autoencoder.py:tiny", *data,
+          *(f"--config.{kv}" for kv in study.AUTOENCODER)]  # fmt: skip
+    # --quick: small batches and one checkpoint per stage (compilation is most of its time).
+    small = ["--config.data.global_batch_size=8"] if args.quick else []
     if args.quick:
-        ae += ["--config.optim.total_steps=30", "--config.optim.warmup_steps=5"]
+        ae += ["--config.optim.total_steps=12", "--config.optim.warmup_steps=3", *small]
     out = [("autoencoder", [*ae, *common])]
+    every = args.train_steps if args.quick else max(args.train_steps // 4, 1)
     for variant in study.VARIANTS:
-        argv = [f"--config=experiments/microconditioning.py:{variant}", *data,
+        argv = [f"--config=experiments/microconditioning.py:{variant}", *data, *small,
                 f"--config.optim.total_steps={args.train_steps}",
                 f"--config.optim.warmup_steps={min(50, args.train_steps // 4)}",
-                f"--config.checkpoint.every_steps={max(args.train_steps // 4, 1)}"]  # fmt: skip
+                f"--config.checkpoint.every_steps={every}"]  # fmt: skip
         out.append((f"microcond_{variant}", [*argv, *common]))
     return out
 
@@ -203,14 +207,32 @@ def reference(args) -> dict:
         offsets.append(max(crop.top, crop.left))
         shorts.append(min(img.shape[:2]))
     imgs = np.stack(imgs)
+    decoded = roundtrip(args.workdir / "autoencoder" / "export", imgs, args.seed)
     return dict(images=imgs, values=measure.per_image(imgs, [None] * len(imgs)),
-                offset=np.array(offsets), short=np.array(shorts))  # fmt: skip
+                offset=np.array(offsets), short=np.array(shorts),
+                roundtrip=measure.per_image(decoded, [None] * len(imgs)))  # fmt: skip
 
 
-def reference_tables(ref: dict, crop: int, sizes) -> dict:
+def roundtrip(vae_path: Path, imgs: np.ndarray, seed: int, batch: int = 144) -> np.ndarray:
+    """The images encoded and decoded by the study's autoencoder: the most any base trained
+    on its latents can show (sharpness and cuts the VAE loses, no base can draw)."""
+    import jax
+
+    from sdxl_jax.inference import runtime
+
+    vae = runtime.load_vae(vae_path, runtime.make_mesh(jax.devices()[:1]))
+    out = []
+    for i in range(0, len(imgs), batch):
+        x = imgs[i : i + batch]
+        keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), i), len(x))
+        out.append(vae.decode(vae.encode(x, keys)))
+    return np.concatenate(out)
+
+
+def reference_tables(ref: dict, crop: int, key: str = "values") -> dict:
     """Cut rate of training crops by offset and edge width by original size: what the
-    conditioning values meant in the data."""
-    v, off, short = ref["values"], ref["offset"], ref["short"]
+    conditioning values meant in the data (``key="roundtrip"``: after the autoencoder)."""
+    v, off, short = ref[key], ref["offset"], ref["short"]
     bands = {"0": off == 0, "1-15": (off >= 1) & (off < 16), "16-47": (off >= 16) & (off < 48),
              "48-64": off >= 48}  # fmt: skip
     cut = {k: dict(n=int(m.sum()), cut=measure.summary({"c": v["cut"][m]})["c"])
@@ -318,7 +340,8 @@ def report(args, samples: dict, ref: dict) -> dict:
          columns, args.out / "size_effect.png")  # fmt: skip
     conds = {v: {c: measure.summary(x) for c, x in vs.items()} for v, vs in values.items()}
     return dict(table2=table, effects=effects, lines=lines, conditions=conds,
-                reference=reference_tables(ref, lc, args.sizes))  # fmt: skip
+                reference=reference_tables(ref, lc),
+                reference_roundtrip=reference_tables(ref, lc, "roundtrip"))  # fmt: skip
 
 
 def print_table(result: dict) -> None:
@@ -329,13 +352,17 @@ def print_table(result: dict) -> None:
         lo, hi = r["all_ci"]
         print(f"{LABELS[v]:<22}{pct}  [{100 * lo:4.1f}, {100 * hi:4.1f}]"
               f"{100 * r['cut']:6.1f}%{r['edge_px']:9.2f}{r['fd']:8.2f}")  # fmt: skip
-    ref = result["reference"]
-    cut = ", ".join(f"{k} px {100 * r['cut']:.0f}% (n={r['n']})"
-                    for k, r in ref["cut_by_crop_offset"].items())  # fmt: skip
-    edge = ", ".join(f"{k} px {r['edge_px']:.2f} (n={r['n']})"
-                     for k, r in ref["edge_by_original_short_side"].items())  # fmt: skip
-    print(f"training crops: cut rate {100 * ref['cut_all']:.1f}% overall; by crop offset {cut}")
-    print(f"training crops: edge width by original short side {edge}")
+    for key, what in (
+        ("reference", "training crops"),
+        ("reference_roundtrip", "training crops through the autoencoder"),
+    ):
+        ref = result[key]
+        cut = ", ".join(f"{k} px {100 * r['cut']:.0f}% (n={r['n']})"
+                        for k, r in ref["cut_by_crop_offset"].items())  # fmt: skip
+        edge = ", ".join(f"{k} px {r['edge_px']:.2f} (n={r['n']})"
+                         for k, r in ref["edge_by_original_short_side"].items())  # fmt: skip
+        print(f"{what}: cut rate {100 * ref['cut_all']:.1f}% overall; by crop offset {cut}")
+        print(f"{what}: edge width by original short side {edge}")
 
 
 def main(argv: list[str] | None = None) -> int:
