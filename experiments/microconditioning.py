@@ -34,7 +34,7 @@ STEPS = 1000
 # default (whole 32 px images, 500 steps) lost most cut shapes in its round trip (26% of the
 # training crops cut, 5% after encode + decode), so no base trained on it could show the crop
 # effect; this one keeps them (30%). BENCHMARKS.md, "Size and crop conditioning".
-AUTOENCODER = ("data.bucket_set=tiny_square_64", "ae.crop=32", "optim.total_steps=2000",
+AUTOENCODER = (f"data.bucket_set={BUCKET_SET}", "ae.crop=32", "optim.total_steps=2000",
                "ae.disc_start=1800")  # fmt: skip
 
 

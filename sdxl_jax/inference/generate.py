@@ -187,7 +187,7 @@ def make_request(
         raise UsageError(str(e)) from e
     karras = base_steps.karras
     if noise is not None:
-        _check_noise(models, noise, (len(prompts) * num_images, height, width))
+        _check_noise(models, noise, len(prompts) * num_images, height, width)
     return Request(
         prompts, negative_prompt, num_images, seed, height, width, guidance, steps, sampler,
         karras, base_steps, refiner_steps, handoff if refiner else None, init_image,
@@ -204,9 +204,8 @@ def _micro_conditioning(original_size, crop) -> tuple[tuple[int, int] | None, tu
     return size, tuple(int(x) for x in crop)
 
 
-def _check_noise(models: Models, noise: np.ndarray, images_height_width) -> None:
-    """``--noise`` must be float32 [images, channels, height/f, width/f]."""
-    n, height, width = images_height_width
+def _check_noise(models: Models, noise: np.ndarray, n: int, height: int, width: int) -> None:
+    """``--noise`` must be float32 [n images, channels, height/f, width/f]."""
     f, c = models.factor, models.base.configs["unet"].in_channels
     want = (n, c, height // f, width // f)
     if noise.shape != want or noise.dtype != np.float32:
