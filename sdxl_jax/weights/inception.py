@@ -98,22 +98,30 @@ def _check(source: TensorSource, abstract: FIDInceptionV3, path: Path) -> None:
         if key not in source:
             n = sum(k not in source for k in expected)
             raise ValueError(
-                f"{path}: no tensor {key!r} (expected shape {shape}); {n} of {len(expected)} "
-                f"FID Inception tensors are missing: not pytorch-fid's pt_inception-2015-12-05 "
-                f"state dict"
+                _problem(
+                    path,
+                    f"no tensor {key!r} (expected shape {shape}); {n} of {len(expected)} FID "
+                    "Inception tensors are missing",
+                )
             )
         if tuple(source.shape(key)) != tuple(shape):
             raise ValueError(
-                f"{path}: tensor {key!r} has shape {tuple(source.shape(key))}, the FID Inception "
-                f"expects {tuple(shape)}"
+                _problem(
+                    path,
+                    f"tensor {key!r} has shape {tuple(source.shape(key))}, the FID Inception "
+                    f"expects {tuple(shape)}",
+                )
             )
     extra = [
         k for k in source.keys() if k not in expected and not k.endswith("num_batches_tracked")
     ]
     if extra:
         raise ValueError(
-            f"{path}: tensor {extra[0]!r} (shape {tuple(source.shape(extra[0]))}) has no place "
-            f"in the FID Inception ({len(extra)} such tensors): a different network's weights?"
+            _problem(
+                path,
+                f"tensor {extra[0]!r} (shape {tuple(source.shape(extra[0]))}) has no place in "
+                f"the FID Inception ({len(extra)} such tensors): a different network's weights?",
+            )
         )
 
 

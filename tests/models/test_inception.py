@@ -26,7 +26,7 @@ from pytorch_fid import inception as pfid
 from safetensors.torch import save_file
 
 from sdxl_jax.models.inception import fid_resize
-from sdxl_jax.weights.inception import conversion_command, load_inception
+from sdxl_jax.weights.inception import EXPECTED_NAME, conversion_command, load_inception
 
 KEYS = ("64", "192", "768", "2048", "logits_unbiased", "logits")
 _CACHE: dict[str, object] = {}
@@ -210,4 +210,5 @@ def test_mismatched_tensors_name_the_first_key_and_both_shapes(ref, tmp_path):
         save_file(tensors, str(path))
         with pytest.raises(ValueError, match=pattern) as e:
             load_inception(path)
-        _one_line(e)
+        # The fix is named too: the file expected and the one-line conversion.
+        assert conversion_command() in _one_line(e) and EXPECTED_NAME in str(e.value)
