@@ -261,6 +261,12 @@ def validate(args: argparse.Namespace) -> Job:
         args.checkpoint, refiner=args.refiner, vae=args.vae, tokenizers=args.tokenizers,
         loras=[parse_spec(x) for x in args.lora], lora_strict=args.lora_strict,
     )  # fmt: skip
+    for lo in models.loras:
+        if lo.loaded.skipped:  # only with --no-lora-strict
+            names = lo.loaded.skipped
+            print(f"warning: LoRA {lo.loaded.path.name}: skipped {len(names)} module(s) that match "
+                  f"no layer of the {lo.stage} ({names[:3]}{' ...' if len(names) > 3 else ''})",
+                  file=sys.stderr)  # fmt: skip
     image = None
     if args.init_image:
         if not Path(args.init_image).exists():

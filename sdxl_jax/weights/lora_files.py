@@ -325,12 +325,8 @@ def load(path: str | Path, models: Mapping[str, nnx.Module], *, strict: bool = T
             continue
         modules.setdefault(split[0], {})[split[1]] = key
     skipped = [m for m in modules if m not in table] + unknown
-    if skipped and strict:
-        raise ValueError(
-            f"{f.path}: {len(skipped)} LoRA key(s) match no layer of the model ({skipped[:5]}"
-            f"{' ...' if len(skipped) > 5 else ''}): a LoRA for another architecture? "
-            "--no-lora-strict skips them"
-        )
+    # Shapes first: a LoRA for another architecture (SD 1.5, the refiner) usually shares some
+    # module names, and the first mismatched one with both shapes says more than a name list.
     alphas = _peft_alphas(f.metadata)
     adapters: dict[str, lora_lib.Adapters] = {c: {} for c in models}
     for name, parts in modules.items():
@@ -361,6 +357,12 @@ def load(path: str | Path, models: Mapping[str, nnx.Module], *, strict: bool = T
             prefix = PEFT_PREFIX[layer.component]
             alpha = alphas.get(f"{prefix}.{layer.module}", alphas.get(prefix, float(rank)))
         adapters[layer.component][layer.target] = lora_lib.Adapter(down, up, alpha)
+    if skipped and strict:
+        raise ValueError(
+            f"{f.path}: {len(skipped)} of its {len(modules) + len(unknown)} LoRA modules match "
+            f"no layer of the model ({skipped[:5]}{' ...' if len(skipped) > 5 else ''}): a LoRA "
+            "for another architecture (SD 1.5, the refiner)? --no-lora-strict skips them"
+        )
     return LoadedLoRA(Path(f.path), fmt, {c: a for c, a in adapters.items() if a}, skipped,
                       dict(f.metadata))  # fmt: skip
 

@@ -134,13 +134,16 @@ def test_a_diffusers_peft_lora_and_its_kohya_conversion_load_here(tiny_sdxl, tmp
         _assert_same(ours(base, path, 1.0, noise), diffusers_images(base, path, 1.0, noise))
 
 
-def test_bad_loras_are_refused_before_sampling(tiny_sdxl, tmp_path):
+def test_bad_loras_are_refused_before_sampling(tiny_sdxl, tmp_path, capsys):
     base, refiner = tiny_sdxl
     ref_models = loras_lib.abstract_models(checkpoints.check_stage(refiner))
     adapters = random_adapters({"unet": ref_models["unet"]})
     path = lora_files.save(tmp_path / "refiner.safetensors", adapters,
                            {"unet": ref_models["unet"]}, format="kohya")  # fmt: skip
-    with pytest.raises(generate.UsageError, match=r"does not fit the model|match no layer"):
+    # Names shared with the base come first: the first that does not fit, with both shapes
+    # (the refiner's cross-attention reads text_encoder_2 only: 64 wide, the base's 32 + 64).
+    with pytest.raises(generate.UsageError, match=r"attn2_to_k does not fit the model: its "
+                       r"layer \S+ is \[64, 96\] \(out, in.*down is \[3, 64\]"):  # fmt: skip
         generate.check_models(base, loras=[(path, 1.0)])
     # The refiner takes it when given: each LoRA goes to the stage it fits.
     models = generate.check_models(base, refiner=refiner, loras=[(path, 1.0)])
@@ -163,6 +166,18 @@ def test_bad_loras_are_refused_before_sampling(tiny_sdxl, tmp_path):
         generate.check_models(base, loras=[(mixed, 1.0)])
     loose = generate.check_models(base, loras=[(mixed, 1.0)], lora_strict=False)
     assert loose.loras[0].loaded.skipped == ["lora_unet_not_a_layer"]
+    # The CLI says what it skipped, before anything loads (here the missing init image stops it).
+    from sdxl_jax import sample
+
+    assert sample.main(["--checkpoint", str(base), "--lora", str(mixed), "--no-lora-strict",
+                        "--prompt", "x", "--init-image", str(tmp_path / "none.png"),
+                        "--out", str(tmp_path / "out")]) == 2  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (
+        "warning: LoRA mixed.safetensors: skipped 1 module(s) that match no layer of the base "
+        "(['lora_unet_not_a_layer'])"
+    )
+    assert "none.png does not exist" in err[1]
     # Pickles are never unpickled.
     pickle = tmp_path / "lora.pt"
     torch.save({"x": torch.zeros(1)}, pickle)
@@ -173,6 +188,40 @@ def test_bad_loras_are_refused_before_sampling(tiny_sdxl, tmp_path):
         lora.attach(nnx.eval_shape(lambda: type(base_models["unet"])(
             base_models["unet"].config, rngs=nnx.Rngs(0))), lora.LoRAConfig(rank=10_000),
             nnx.Rngs(0))  # fmt: skip
+
+
+def test_an_sd15_lora_is_refused_naming_a_module_and_both_shapes(tiny_sdxl, tmp_path):
+    """A kohya LoRA made by diffusers + PEFT for an SD 1.5-shaped UNet (attention in every down
+    block, one 24-wide text encoder) is refused by the SDXL base before anything loads."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    sd15 = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2, attention_head_dim=8,
+        cross_attention_dim=24, norm_num_groups=8,
+    )  # fmt: skip
+    sd15.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"]))
+    kohya = convert_state_dict_to_kohya(
+        convert_all_state_dict_to_peft(
+            {f"unet.{k}": v for k, v in get_peft_model_state_dict(sd15).items()}
+        )
+    )
+    path = tmp_path / "sd15.safetensors"
+    save_file({k: v.contiguous() for k, v in kohya.items()}, path)
+    base, _ = tiny_sdxl
+    with pytest.raises(generate.UsageError) as e:
+        generate.check_models(base, loras=[(path, 1.0)])
+    msg = str(e.value)
+    assert "\n" not in msg and "SD 1.5" in msg
+    assert "attn2_to_k does not fit the model" in msg and "[64, 96]" in msg and "[4, 24]" in msg
+    # Skipping the names the base lacks does not let a misshapen one through.
+    with pytest.raises(generate.UsageError, match="does not fit the model"):
+        generate.check_models(base, loras=[(path, 1.0)], lora_strict=False)
 
 
 @pytest.mark.slow(seconds=60)
