@@ -74,6 +74,15 @@ _WORKDIR = flags.DEFINE_string(
 _STOP_AT = flags.DEFINE_integer(
     "stop_at_step", None, "Save a checkpoint at this step and exit (as a preemption would)."
 )
+_EXPORT_STEP = flags.DEFINE_integer(
+    "export_step",
+    None,
+    "Export checkpoint N of the stage (-1: the newest) as its end does (a diffusers folder; "
+    "LoRA stages: kohya + diffusers/PEFT files) to --export_to, and exit; no training.",
+)
+_EXPORT_TO = flags.DEFINE_string(
+    "export_to", None, "With --export_step: a new folder (default <workdir>/<stage>/export_stepN)."
+)
 
 
 _COMPILE_CACHE = flags.DEFINE_string(
@@ -192,6 +201,14 @@ def main(argv: list[str]) -> int:
     from sdxl_jax.train import loop
     from sdxl_jax.train.lock import WorkdirInUse
 
+    if _EXPORT_STEP.value is not None:
+        step = None if _EXPORT_STEP.value < 0 else _EXPORT_STEP.value
+        try:
+            out = loop.export_checkpoint(config, _WORKDIR.value, step, _EXPORT_TO.value)
+        except (ValueError, FileNotFoundError, CheckpointError) as e:
+            return _fail(f"error: {e}", 2)
+        print(f"exported {out}", flush=True)
+        return 0
     print(distributed.describe(), flush=True)
     try:
         result = loop.run_stage(config, _WORKDIR.value, stop_at_step=_STOP_AT.value)

@@ -220,6 +220,40 @@ def run_stage(
         lock.release()
 
 
+def export_checkpoint(
+    config: Any, workdir: str | Path, step: int | None = None, out: str | Path | None = None
+) -> Path:
+    """Export the EMA weights of checkpoint ``step`` (default: the newest) of a stage, on demand,
+    as its end does: a diffusers folder, or for LoRA stages the kohya and diffusers/PEFT files.
+    ``out`` (default ``<workdir>/<stage>/export_step<N>``) must not exist; the checkpoint is
+    checked against its digest. Local workdirs."""
+    stage_dir = Path(workdir) / config.stage
+    ckpts = ckpt_lib.StageCheckpoints(stage_dir, async_save=False)
+    try:
+        steps = sorted(ckpts.manager.all_steps())
+        if not steps:
+            raise ValueError(f"{stage_dir}: no checkpoints to export (train the stage first)")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ValueError(f"{stage_dir}: no checkpoint at step {step}; there are {steps}")
+        out = Path(out) if out else stage_dir / f"export_step{step}"
+        if out.exists():
+            raise ValueError(f"{out} exists: give a new path (nothing is overwritten)")
+        config_lib.validate(config, jax.device_count())
+        task = make_task(config, sharding.make_mesh(dict(config.mesh)), Path(workdir))
+        ema, _ = ckpts.restore_ema(task.abstract_state().ema, step)
+        return task.export(_EMAOnly(ema), out)
+    finally:
+        ckpts.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _EMAOnly:
+    """What a task's export reads of a train state."""
+
+    ema: Any
+
+
 def _stage_names(config: Any) -> list[str]:
     """The names in ``config`` that may be earlier stages of the workdir (init_from, model.vae,
     model.checkpoint): their exports and final EMA weights are fetched to a fresh host."""

@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from experiments import (
     autoencoder,
@@ -115,6 +116,18 @@ def test_tiny_variants_of_every_stage_run_in_curriculum_order(tmp_path):
             assert info.role == ("refiner" if c.stage == "refiner" else "base")
         if c.stage == "dreambooth":
             check_dreambooth_data(c, workdir)
+    # On demand: checkpoint 2 exports the files the stage's end wrote; checkpoint 1 others.
+    c = lora.get_config("tiny")
+    shorten(c, data)
+    end = load_file(workdir / "lora" / "export" / "lora.safetensors")
+    for step in (2, 1):
+        out = loop.export_checkpoint(c, workdir, step, tmp_path / f"lora_step{step}")
+        got = load_file(out / "lora.safetensors")
+        assert got.keys() == end.keys() and (out / "pytorch_lora_weights.safetensors").exists()
+        same = all(np.array_equal(got[k], end[k]) for k in end)
+        assert same is (step == 2), step
+    with pytest.raises(ValueError, match=r"no checkpoint at step 7; there are \[1, 2\]"):
+        loop.export_checkpoint(c, workdir, 7)
     # Rerunning a finished stage does nothing.
     c = base_256.get_config("tiny")
     shorten(c, data)
