@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
-
 
 def check(config: Any) -> tuple[Any, Any] | None:
     """``config.eval`` checked from the config alone (the weights files exist, the prompt set
@@ -59,7 +57,9 @@ class Evaluations:
         spec, self.prompts = checked
         self.scorers = None
         if jax.process_index() == 0:  # scores on this host's devices only
-            local = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+            from sdxl_jax.inference import runtime
+
+            local = runtime.make_mesh(jax.local_devices())
             self.scorers = run.load_scorers(spec, self.prompts, mesh=local)
 
     def maybe(self, step: int, state: Any) -> None:

@@ -9,6 +9,7 @@ shared persistent compilation cache keeps the repeated launches from recompiling
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,8 +42,18 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(parts, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    finish(launch(parts, workdir))
+    (workdir / "terminal.txt").write_text(finish(launch(parts, workdir)))
     return workdir
+
+
+def test_the_terminal_is_quiet_by_default(uninterrupted):
+    """What a default run prints (stdout and stderr): its own lines, no absl / orbax / JAX
+    INFO logging (warnings stay: orbax's "waiting for previous save" on a busy machine)."""
+    lines = (uninterrupted / "terminal.txt").read_text().splitlines()
+    noise = [x for x in lines if re.match(r"I\d{4} |INFO:|DEBUG:", x)]
+    assert not noise, noise[:5]
+    assert any(x.startswith("[base_256] step") for x in lines)
+    assert len(lines) < 40, lines
 
 
 @pytest.mark.slow(seconds=150)

@@ -77,7 +77,11 @@ def test_a_dead_runs_lock_is_taken_over_with_a_warning(tmp_path):
 def test_a_reused_pid_does_not_keep_a_lock(tmp_path):
     """Our own pid, but started at another time: the run that wrote the lock is gone."""
     plant(tmp_path / "s" / LOCK, pid_start="1")
-    lock_lib.StageLock(tmp_path, "s", warn=lambda m: None).acquire().release()
+    said = []
+    lock = lock_lib.StageLock(tmp_path, "s", warn=said.append).acquire()
+    assert json.loads((tmp_path / "s" / LOCK).read_text())["token"] == lock.token  # now ours
+    assert len(said) == 1 and "took over the lock" in said[0]
+    lock.release()
 
 
 def test_another_hosts_lock_holds_until_its_heartbeat_stops(tmp_path, monkeypatch):
