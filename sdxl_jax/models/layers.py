@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 BATCH_MESH_AXES = ("data", "fsdp")  # as sdxl_jax.sharding.BATCH_AXES (no import cycle)
 
@@ -180,7 +181,27 @@ def attention(
             impl = "cudnn"
         else:
             impl = "xla"
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+    return checkpoint_name(out, "attention")  # what remat="attention_saveable" keeps
+
+
+# Remat policies of the scanned stacks by name (``remat=True`` is "nothing_saveable").
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attention_saveable": jax.checkpoint_policies.save_only_these_names("attention"),
+}
+
+
+def remat_policy(remat: bool | str) -> Any:
+    """``remat`` (False / True / a REMAT_POLICIES name) -> None (no remat) or a policy."""
+    if remat is False or remat == "" or remat is None:
+        return None
+    name = "nothing_saveable" if remat is True else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat {remat!r}: use true, false or one of {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
@@ -244,14 +265,15 @@ def scan_apply(
     stack: nnx.Module,
     x: jax.Array,
     *args: Any,
-    remat: bool = False,
+    remat: bool | str = False,
     collect: bool = False,
     unroll: int | bool = 1,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Run ``x = layer(x, *args)`` over the layers of a :func:`stacked` module under ``nnx.scan``.
 
     ``args`` (e.g. the cross-attention context) are broadcast to every layer. ``remat``
-    recomputes each layer's activations in the backward pass instead of storing them.
+    recomputes each layer's activations in the backward pass instead of storing them (True: all
+    of them; a REMAT_POLICIES name: all but what that policy saves).
     ``collect`` also returns every layer's output stacked, [L, *x.shape]. ``unroll`` is
     ``lax.scan``'s (``True`` unrolls fully: XLA's cost analysis then counts every layer).
     """
@@ -264,8 +286,8 @@ def scan_apply(
         h = constrain_batch(nnx.merge(graph, layer_state)(h, *args))
         return h, (h if collect else None)
 
-    if remat:
-        body = jax.checkpoint(body)
+    if (policy := remat_policy(remat)) is not None:
+        body = jax.checkpoint(body, policy=policy)
     h, per_layer = jax.lax.scan(body, x, state, unroll=unroll)
     return (h, per_layer) if collect else h
 

@@ -43,7 +43,8 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     sample_size: int = 128
-    remat: bool = False  # recompute each transformer block in the backward pass
+    remat: bool | str = False  # recompute each transformer block in the backward pass (or a
+    # layers.REMAT_POLICIES name: recompute all but what it saves)
     scan_unroll: int | bool = 1  # lax.scan unroll of the transformer stacks
     attention_impl: str = "auto"
 
@@ -75,6 +76,7 @@ class UNetConfig:
             raise ValueError(
                 f"UNetConfig: addition_embed_type {self.addition_embed_type!r} unsupported"
             )
+        layers.remat_policy(self.remat)  # a known policy name (raises otherwise)
         if self.attention_impl not in layers.ATTENTION_IMPLS:
             raise ValueError(f"UNetConfig: attention_impl must be one of {layers.ATTENTION_IMPLS}")
 

@@ -164,7 +164,7 @@ class DiffusionTask:
             ucfg = checkpoints.check_stage(self.init_checkpoint, need_vae=False).configs["unet"]
         else:
             ucfg = config_lib.unet_config(self.config.model.preset)
-        return dataclasses.replace(ucfg, remat=bool(self.config.model.remat))
+        return dataclasses.replace(ucfg, remat=_remat(self.config.model.remat))
 
     def _make(self, rngs: nnx.Rngs, adapters: bool = True) -> UNet2DConditionModel:
         """The UNet (fp32 parameters), with this stage's LoRA adapters when it trains some."""
@@ -487,6 +487,11 @@ class DiffusionTask:
                 dtype=c.get("export_dtype", "fp16"), metadata=meta,
             )  # fmt: skip
         return out
+
+
+def _remat(value: Any) -> bool | str:
+    """``model.remat``: true / false, or a remat policy's name (layers.REMAT_POLICIES)."""
+    return value if isinstance(value, str) else bool(value)
 
 
 def _link_tree(src: Path, dst: Path) -> None:

@@ -1,6 +1,10 @@
 """Full-size UNet checked abstractly (lowering, no allocation), and the compiled structure:
 scanned stacks, remat, bf16 compute over fp32 weights."""
 
+import contextlib
+import io
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,6 +123,35 @@ def test_remat_gives_the_same_gradients(tiny):
         return jax.jit(jax.grad(lambda s: jnp.mean(nnx.merge(gd, s)(*x) ** 2)))(state)
 
     g1 = grads(graphdef_of(cfg))
-    g2 = grads(graphdef_of(cfg.replace(remat=True)))
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    for remat in (True, "dots_with_no_batch_dims_saveable", "attention_saveable"):
+        g2 = grads(graphdef_of(cfg.replace(remat=remat)))
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_remat_policies_save_what_they_name(tiny):
+    """What the backward pass keeps (JAX's own account of the saved residuals): plain remat
+    keeps no attention output of the scanned stacks, "attention_saveable" keeps each one
+    ([layers, batch, tokens, heads, head dim]: 2, 2, T, 2, 16 here) and less than no remat; an
+    unknown policy is refused naming the known ones."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    cfg, state = tiny
+    x = tiny_inputs(cfg)
+
+    def saved(remat):
+        gd = graphdef_of(cfg.replace(remat=remat))
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            print_saved_residuals(lambda s: jnp.mean(nnx.merge(gd, s)(*x) ** 2), state)
+        lines = [x for x in out.getvalue().splitlines() if "from the argument" not in x]
+        sizes = [re.match(r"\w+\[([\d,]*)\]", x).group(1).split(",") for x in lines]
+        total = sum(int(np.prod([int(d) for d in s if d])) for s in sizes)
+        attention = [x for x in lines if re.match(r"f32\[2,2,\d+,2,16\] output of scan", x)]
+        return total, len(attention)
+
+    full, none = saved(True), saved(False)
+    attn = saved("attention_saveable")
+    assert full[1] == 0 and attn[1] >= 4  # self- and cross-attention of each of 2 stacks
+    assert full[0] < attn[0] < none[0]
+    with pytest.raises(ValueError, match="attention_saveable"):
+        cfg.replace(remat="everything")
