@@ -257,7 +257,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add = p.add_argument
     add("--preset", choices=PRESETS, default="sdxl", help="default sdxl (the base)")
     add("--resolution", type=int, help="square image side in pixels (default 1024; tiny 64)")
-    add("--batch", default="1,4,8", help="comma-separated batch sizes (default 1,4,8)")
+    add("--batch", help="comma-separated batch sizes (default 1,4,8; smoke 1,2)")
     add("--checkpointing", default="off,on", help="off, on or both (default off,on)")
     add("--attention", choices=("sdpa", "default"), default="sdpa",
         help="sdpa: AttnProcessor2_0 (torch SDPA); default: diffusers' AttnProcessor")  # fmt: skip
@@ -276,8 +276,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--smoke", action="store_true", help="CPU, tiny, 64 px, batches 1,2, 2 timed steps")
     args = p.parse_args(argv)
     if args.smoke:
-        args.preset, args.resolution, args.batch = "tiny", 64, "1,2"
+        args.preset, args.resolution = "tiny", 64
+        args.batch = args.batch or "1,2"
         args.warmup, args.steps = 1, 2
+    args.batch = args.batch or "1,4,8"
     args.resolution = args.resolution or (64 if args.preset == "tiny" else 1024)
     args.batches = [int(b) for b in args.batch.split(",")]
     modes = {"on": True, "off": False}
