@@ -102,14 +102,16 @@ def train_commands(args) -> list[tuple[str, list[str]]]:
     data = [f"--config.data.path={args.data}"]
     ae = ["--config=experiments/autoencoder.py:tiny", *data,
           *(f"--config.{kv}" for kv in study.AUTOENCODER)]  # fmt: skip
-    # --quick: small batches and one checkpoint per stage (compilation is most of its time).
+    # --quick: small batches, one checkpoint per stage and the test-size UNet (same code, half
+    # the compile time: compilation is most of a quick run's time).
     small = ["--config.data.global_batch_size=8"] if args.quick else []
+    micro = ["--config.model.preset=micro"] if args.quick else []
     if args.quick:
         ae += ["--config.optim.total_steps=12", "--config.optim.warmup_steps=3", *small]
     out = [("autoencoder", [*ae, *common])]
     every = args.train_steps if args.quick else max(args.train_steps // 4, 1)
     for variant in study.VARIANTS:
-        argv = [f"--config=experiments/microconditioning.py:{variant}", *data, *small,
+        argv = [f"--config=experiments/microconditioning.py:{variant}", *data, *small, *micro,
                 f"--config.optim.total_steps={args.train_steps}",
                 f"--config.optim.warmup_steps={min(50, args.train_steps // 4)}",
                 f"--config.checkpoint.every_steps={every}"]  # fmt: skip

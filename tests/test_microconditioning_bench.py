@@ -138,7 +138,7 @@ def test_quick_study_runs_end_to_end(tmp_path):
     # The three bases trained from the same data and budget; (b) with zeroed conditioning.
     for v in ("discard", "nocond", "cond"):
         cfg = json.loads((tmp_path / "w" / f"microcond_{v}" / "config.json").read_text())
-        assert cfg["optim"]["total_steps"] == 12
+        assert cfg["optim"]["total_steps"] == 12 and cfg["model"]["preset"] == "micro"
         assert cfg["step"]["micro_conditioning"] is (v != "nocond")
         assert cfg["data"]["drop_small"] is (v == "discard")
     # The study's autoencoder: the 64 px bucket in 32 px windows (study.AUTOENCODER).
