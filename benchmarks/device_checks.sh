@@ -76,18 +76,7 @@ else
     T_TRAIN=230 T_TORCH=70 T_SAMPLE=110 T_EXTRA=60
 fi
 
-python3 - <<'EOF' | tee "$OUT/versions.txt"
-import importlib.metadata as md, platform
-names = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "torch",
-         "diffusers", "numpy", "nvidia-cudnn-cu13")
-found = []
-for n in names:
-    try:
-        found.append(f"{n} {md.version(n)}")
-    except md.PackageNotFoundError:
-        pass
-print(f"python {platform.python_version()}; " + ", ".join(found))
-EOF
+python3 benchmarks/versions.py | tee "$OUT/versions.txt"
 
 START=$SECONDS
 if want train; then

@@ -24,19 +24,7 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 
 nvidia-smi -L
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
-python3 - <<'EOF'
-import importlib.metadata as md, platform
-
-names = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "torch",
-         "diffusers", "transformers", "numpy", "nvidia-cudnn-cu13")
-found = []
-for n in names:
-    try:
-        found.append(f"{n} {md.version(n)}")
-    except md.PackageNotFoundError:
-        pass
-print(f"python {platform.python_version()}; " + ", ".join(found))
-EOF
+python3 benchmarks/versions.py
 
 timeout -k 10 440 python3 benchmarks/sample_speed.py --preset sdxl --impl both \
     --height 1024 --width 1024 --steps 30 --guidance 5 --batch 1 --repeats 3 --timeout 210 \
