@@ -170,11 +170,13 @@ trap 'echo \"\$(date -u +%FT%TZ) SIGTERM: the trainer saves and exits\"' TERM
 srun --ntasks-per-node=$tasks --cpus-per-task=\$((\${SLURM_CPUS_ON_NODE:-$tasks} / $tasks)) \\
   --gpu-bind=none --kill-on-bad-exit=1 $trainer &
 srun_pid=\$!
-while :; do # a trapped signal interrupts wait: wait again until srun has exited
+# A trapped signal interrupts wait (status 128 + the signal): wait again until srun has exited,
+# then once more for its own exit status (the trainer may end while the trap runs).
+while kill -0 \"\$srun_pid\" 2>/dev/null; do
   wait \"\$srun_pid\"
-  rc=\$?
-  kill -0 \"\$srun_pid\" 2>/dev/null || break
 done
+wait \"\$srun_pid\"
+rc=\$?
 echo \"\$(date -u +%FT%TZ) the trainer exited with code \$rc\"
 if ((requeue && rc == 0)); then
   scontrol requeue \"\$SLURM_JOB_ID\"

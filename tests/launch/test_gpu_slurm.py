@@ -50,7 +50,9 @@ def slurm_dry_run(tmp_path: Path, *options: str) -> tuple[str, str, Path]:
 SLURM_FAKES = {
     "srun": 'printf "%s\\n" "$*" >> "$FAKE/srun"\nwhile [[ $1 == -* ]]; do shift; done\n'
     'SLURM_LOCALID=3 "$@"\n',
-    "scancel": 'echo "$*" >> "$FAKE/scancel"\nkill -TERM "$(cat "$FAKE/python.pid")"\n',
+    # The trainer gone before scancel returns (the batch script's trap is still running).
+    "scancel": 'echo "$*" >> "$FAKE/scancel"\npid=$(cat "$FAKE/python.pid")\nkill -TERM "$pid"\n'
+    'while kill -0 "$pid" 2>/dev/null; do sleep 0.01; done\n',
     "scontrol": 'echo "$*" >> "$FAKE/scontrol"\n',
     "python": 'printf "%s\\0" "$@" > "$FAKE/argv"\necho "${SDXL_LOCAL_DEVICE_IDS-unset}" > '
     '"$FAKE/ids"\necho $$ > "$FAKE/python.pid"\nif [ -n "${FAKE_WAIT:-}" ]; then\n'
