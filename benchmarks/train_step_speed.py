@@ -54,6 +54,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from sdxl_jax import sharding as sh  # noqa: E402
+from sdxl_jax.models import unet as unet_lib  # noqa: E402
 from sdxl_jax.models.layers import REMAT_POLICIES  # noqa: E402
 from sdxl_jax.models.lora import LoRAConfig, attach  # noqa: E402
 from sdxl_jax.models.unet import UNetConfig  # noqa: E402
@@ -64,20 +65,9 @@ from sdxl_jax.weights.components import COMPONENTS  # noqa: E402
 
 T0 = time.monotonic()
 GIB = 2**30
-PRESETS = {
-    "base": UNetConfig.sdxl_base,
-    "refiner": UNetConfig.sdxl_refiner,
-    "tiny": UNetConfig.tiny,
-    "micro": lambda: UNetConfig.tiny(
-        block_out_channels=(16, 32),
-        transformer_depth=(0, 1),
-        mid_transformer_depth=1,
-        num_heads=(2, 2),
-    ),  # fmt: skip
-}
-PRESETS["micro_refiner"] = lambda: PRESETS["micro"]().replace(
-    cross_attention_dim=24, projection_class_embeddings_input_dim=24 + 5 * 8
-)
+# Our names -> sdxl_jax.models.unet.PRESETS (micro: the test-size UNet).
+PRESETS = {"base": "sdxl_base", "refiner": "sdxl_refiner", "tiny": "tiny", "micro": "micro",
+           "micro_refiner": "micro_refiner"}  # fmt: skip
 REMATS = ("none", "true", *REMAT_POLICIES)
 SMOKE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Model FLOPs per sample (XLA's count of the train step lowered on one CPU device at batch 8,
@@ -287,7 +277,7 @@ class Bench:
     flops: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.unet = PRESETS[self.args.preset]()
+        self.unet = unet_lib.preset(PRESETS[self.args.preset])
         self.hw = (self.args.size // 8, self.args.size // 8)
         self.refiner = self.args.preset.endswith("refiner")
 

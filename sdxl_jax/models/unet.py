@@ -131,6 +131,29 @@ class UNetConfig:
         return dataclasses.replace(self, **kw)
 
 
+# The tiny refiner reads the tiny bigG-only context (64 wide) and 5 time ids; the micro UNet is
+# the test size (two levels, one transformer block: about half tiny's compile time on a CPU).
+REFINER_TEXT = {"cross_attention_dim": 64, "projection_class_embeddings_input_dim": 48 + 5 * 8}
+MICRO = dict(
+    block_out_channels=(16, 32), transformer_depth=(0, 1), mid_transformer_depth=1, num_heads=(2, 2)
+)
+PRESETS = {
+    "sdxl_base": UNetConfig.sdxl_base,
+    "sdxl_refiner": UNetConfig.sdxl_refiner,
+    "tiny": UNetConfig.tiny,
+    "tiny_refiner": lambda **kw: UNetConfig.tiny(**{**REFINER_TEXT, **kw}),
+    "micro": lambda **kw: UNetConfig.tiny(**{**MICRO, **kw}),
+    "micro_refiner": lambda **kw: UNetConfig.tiny(**{**MICRO, **REFINER_TEXT, **kw}),
+}
+
+
+def preset(name: str, **overrides: Any) -> UNetConfig:
+    """A named UNetConfig (PRESETS), with ``overrides``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}: use one of {sorted(PRESETS)}")
+    return PRESETS[name](**overrides)
+
+
 # -- blocks ------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from sdxl_jax import sharding
 from sdxl_jax.data import buckets
 from sdxl_jax.data import pipeline as data_pipeline
+from sdxl_jax.models import unet as unet_lib
 from sdxl_jax.models.lora import GROUPS as LORA_GROUPS
 from sdxl_jax.models.lora import LoRAConfig
 from sdxl_jax.models.unet import UNetConfig
@@ -66,27 +67,10 @@ def unknown_variant(path: str, arg: str, variants: tuple[str, ...]) -> str:
     return f"--config {path}:{arg}: {path} has no variant {arg!r}; use one of: {known}"
 
 
-REFINER_TEXT = {"cross_attention_dim": 64, "projection_class_embeddings_input_dim": 48 + 5 * 8}
-MICRO = dict(
-    block_out_channels=(16, 32), transformer_depth=(0, 1), mid_transformer_depth=1, num_heads=(2, 2)
-)
-
-
 def unet_config(preset: str, **overrides: Any) -> UNetConfig:
-    """``sdxl_base``, ``sdxl_refiner``, ``tiny`` or ``tiny_refiner`` (5 time ids, bigG-only
-    context of the tiny text encoders: 64 wide)."""
-    presets = {
-        "sdxl_base": UNetConfig.sdxl_base,
-        "sdxl_refiner": UNetConfig.sdxl_refiner,
-        "tiny": UNetConfig.tiny,
-        "tiny_refiner": lambda **kw: UNetConfig.tiny(**{**REFINER_TEXT, **kw}),
-        # Test size: two levels, one transformer block; compiles about twice as fast on CPU.
-        "micro": lambda **kw: UNetConfig.tiny(**{**MICRO, **kw}),
-        "micro_refiner": lambda **kw: UNetConfig.tiny(**{**MICRO, **REFINER_TEXT, **kw}),
-    }
-    if preset not in presets:
-        raise ValueError(f"unknown model preset {preset!r}: use one of {sorted(presets)}")
-    return presets[preset](**overrides)
+    """``sdxl_base``, ``sdxl_refiner``, ``tiny``, ``tiny_refiner``, ``micro``, ``micro_refiner``
+    (``sdxl_jax.models.unet.PRESETS``)."""
+    return unet_lib.preset(preset, **overrides)
 
 
 def vae_config(preset: str) -> VAEConfig:
