@@ -10,6 +10,11 @@ Before the stage trains, ``prepare_data``:
    many times as balances the class images) and the class images, whose loss is weighted by
    ``prior_loss_weight`` (kohya's reg images and loss weights; diffusers' prior-preservation
    loss). It is rebuilt when its inputs change.
+
+``class_data`` may instead be a prepare source spec (``folder:DIR``, ``tfds:...``,
+``synthetic:N``): regularisation images of real data used as they are, nothing generated
+(kohya's reg images). At toy scale they keep what the model knew where its own samples do not
+(BENCHMARKS.md, "LoRA / DreamBooth").
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ def problems(config: Any) -> list[str]:
         )
     if db.prior_loss_weight < 0 or db.num_class_images < 0 or db.instance_repeats < 0:
         out.append("dreambooth.prior_loss_weight, num_class_images, instance_repeats: need >= 0")
-    if db.prior_loss_weight > 0 and not db.class_prompt:
+    if db.prior_loss_weight > 0 and not db.class_prompt and class_spec(db) is None:
         out.append(
             "dreambooth.class_prompt is empty: give the class's prompt (e.g. 'a photo of a "
             "dog'), or set dreambooth.prior_loss_weight=0 to train without prior preservation"
@@ -134,6 +139,14 @@ def generate_class_images(db: Any, checkpoint: Path, folder: Path, say=print) ->
     return want - have
 
 
+def class_spec(db: Any) -> str | None:
+    """``class_data`` as a prepare source spec (``KIND:LOCATION``: regularisation images used as
+    they are, kohya's reg images; none generated), or None where it names a folder or is empty
+    (class images generated into it where missing)."""
+    data = str(db.class_data)
+    return data if data.partition(":")[0] in sources.KINDS else None
+
+
 def class_folder(db: Any, stage_dir: Path) -> Path:
     return Path(db.class_data).expanduser() if db.class_data else stage_dir / CLASS_FOLDER
 
@@ -147,12 +160,20 @@ def plan(config: Any, stage_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"dreambooth.instance_data {db.instance_data!r} holds no images")
     specs, repeats = [spec], int(db.instance_repeats)
     if db.prior_loss_weight > 0:
-        weight = {"loss_weight": repr(float(db.prior_loss_weight))}
-        specs.append(f"folder:{class_folder(db, stage_dir)}?" + urlencode(weight))
+        weight = urlencode({"loss_weight": repr(float(db.prior_loss_weight))})
+        given = class_spec(db)
+        if given is None:
+            specs.append(f"folder:{class_folder(db, stage_dir)}?" + weight)
+            n_class = int(db.num_class_images)
+        else:
+            specs.append(given + ("&" if "?" in given else "?") + weight)
+            n_class = len(sources.open_source(given))
+            if n_class == 0:
+                raise FileNotFoundError(f"dreambooth.class_data {given!r} holds no images")
         if not repeats and "layout=kohya" not in spec:  # kohya's folders name their own
             # As many uses of the subject's images as of class images per epoch (diffusers
             # pairs them one to one; kohya balances reg images to the train images).
-            repeats = max(1, round(int(db.num_class_images) / n))
+            repeats = max(1, round(n_class / n))
     if repeats > 1:
         specs[0] += ("&" if "?" in specs[0] else "?") + urlencode({"repeats": repeats})
     return {"sources": specs, "instances": n, "instance_repeats": max(repeats, 1)}
@@ -168,7 +189,9 @@ def prepare_data(config: Any, workdir: Path, checkpoint: Path, say=print) -> str
     folder = class_folder(db, stage_dir)
 
     def classes_done() -> bool:
-        return db.prior_loss_weight <= 0 or len(_images(folder)) >= db.num_class_images
+        if db.prior_loss_weight <= 0 or class_spec(db) is not None:
+            return True
+        return len(_images(folder)) >= db.num_class_images
 
     def make_classes() -> None:
         n = max(0, int(db.num_class_images) - len(_images(folder)))
@@ -182,7 +205,7 @@ def prepare_data(config: Any, workdir: Path, checkpoint: Path, say=print) -> str
         return settings.exists() and json.loads(settings.read_text()) == want
 
     def build() -> None:
-        classes = f" + {db.num_class_images} class images" if len(layout["sources"]) > 1 else ""
+        classes = f" + class images ({layout['sources'][1]})" if len(layout["sources"]) > 1 else ""
         say(f"dreambooth: preparing {layout['instances']} instance images (x "
             f"{layout['instance_repeats']} per epoch){classes} into {out}")  # fmt: skip
         prepare.prepare(
