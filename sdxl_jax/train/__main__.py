@@ -170,6 +170,10 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_logs()
+    if _CONFIG.value is None:  # the tiny curriculum: both CPU cores as XLA devices
+        from sdxl_jax.train import curriculum
+
+        curriculum.use_cpu_cores()
     from sdxl_jax import distributed
 
     try:  # before anything touches a device

@@ -22,6 +22,7 @@ The diffusion stages weight their loss with min-SNR-gamma 5 (``experiments/commo
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,22 @@ STAGES = ("autoencoder", "base_256", "base_1024", "refiner")
 # Steps per stage, calibrated so the whole run stays under 15 minutes on 2 CPU cores.
 STEPS = {"base_256": 200, "base_1024": 1050, "refiner": 80}
 EVAL = dict(images_per_caption=2, steps=30, guidance=7.0, size=64, seed=1234)
+# XLA CPU devices the curriculum splits each batch over (mesh data axis): on 2 cores, two
+# devices ran the tiny step at 1.32x one device's intra-op threads (BENCHMARKS.md).
+CPU_DEVICES = 2
+DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def use_cpu_cores(environ: dict[str, str] | None = None) -> int | None:
+    """Ask XLA for ``CPU_DEVICES`` CPU devices (call before JAX starts its backend) unless
+    ``XLA_FLAGS`` already names a count or the machine has one core; the count set, or None.
+    Only the CPU platform's devices change: on a GPU the curriculum still runs on the GPU."""
+    environ = os.environ if environ is None else environ
+    flags = environ.get("XLA_FLAGS", "")
+    if DEVICE_FLAG in flags or (os.cpu_count() or 1) < CPU_DEVICES:
+        return None
+    environ["XLA_FLAGS"] = f"{flags} {DEVICE_FLAG}={CPU_DEVICES}".strip()
+    return CPU_DEVICES
 
 
 def stage_configs(steps: dict[str, int] | None = None) -> list[Any]:
