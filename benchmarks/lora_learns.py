@@ -61,11 +61,12 @@ def concept_score(images: np.ndarray, captions: list[str]) -> dict[str, float]:
     return {"concept_colour": colour / n, "concept_all": shape_pos / n}
 
 
-def per_image_all(images: np.ndarray, captions: list[str]) -> np.ndarray:
-    return np.array(
-        [synthetic.score(np.asarray(im), c)["all"] for im, c in zip(images, captions, strict=True)],
-        float,
-    )
+def old_scores(images: np.ndarray, captions: list[str]) -> tuple[dict[str, float], np.ndarray]:
+    """The exact scorer's accuracy of the old captions' samples, and each sample's all-three
+    (0/1, for the paired interval): every image scored once."""
+    scores = [synthetic.score(np.asarray(im), c) for im, c in zip(images, captions, strict=True)]
+    means = {f"old_{k}": float(np.mean([s[k] for s in scores])) for k in scores[0]}
+    return means, np.array([s["all"] for s in scores], float)
 
 
 def sample(
@@ -195,16 +196,8 @@ def main() -> None:
     for name, adapter in (("base", None), ("base + LoRA", lora)):
         images = sample_cached(args, base, adapter, new + old, k)
         n_new = len(new) * k
-        old_all[name] = per_image_all(images[n_new:], old_captions)
-        rows[name] = {
-            **concept_score(images[:n_new], [c for c in new for _ in range(k)]),
-            **{
-                f"old_{key}": v
-                for key, v in synthetic.accuracy(
-                    images[n_new:], [c for c in old for _ in range(k)]
-                ).items()
-            },
-        }
+        means, old_all[name] = old_scores(images[n_new:], old_captions)
+        rows[name] = {**concept_score(images[:n_new], [c for c in new for _ in range(k)]), **means}
     drop = paired_difference(old_all["base"], old_all["base + LoRA"])
     report = {"train_s": round(train_s, 1), "steps": args.steps, "images": args.images,
               "prior": args.prior, "lr": args.lr, "word": WORD,

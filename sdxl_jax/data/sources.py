@@ -102,6 +102,16 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     return kind, location, options
 
 
+def is_spec(text: str) -> bool:
+    """Whether ``text`` names a source (``KIND:LOCATION``) rather than a path."""
+    return text.partition(":")[0] in KINDS
+
+
+def with_options(spec: str, **options: object) -> str:
+    """``spec`` with ``options`` appended to its query (``?k=v`` or ``&k=v``)."""
+    return spec + ("&" if "?" in spec else "?") + urlencode(options)
+
+
 def open_source(spec: str) -> Source:
     """The source named by ``spec`` (see the module docstring), listed and ready to load."""
     kind, location, options = parse_spec(spec)
@@ -136,7 +146,7 @@ class Scaled(Source):
     def __init__(self, inner: Source, options: dict[str, str]):
         super().__init__(inner.kind, inner.location, {**inner.options, **options})
         self.inner = inner
-        self.spec = inner.spec + ("&" if "?" in inner.spec else "?") + urlencode(options)
+        self.spec = with_options(inner.spec, **options)
         self.repeats = _number(options, "repeats", 1)
         if self.repeats != int(self.repeats) or self.repeats < 1:
             raise SourceError(f"?repeats={options['repeats']!r}: give a whole number >= 1")

@@ -77,7 +77,7 @@ def _images(folder: Path) -> list[Path]:
 def instance_spec(db: Any) -> str:
     """The instance images' source: a folder path, or a full ``KIND:LOCATION`` spec."""
     data = str(db.instance_data)
-    if data.partition(":")[0] in sources.KINDS:
+    if sources.is_spec(data):
         return data
     folder = Path(data).expanduser()
     if not folder.is_dir():
@@ -144,7 +144,7 @@ def class_spec(db: Any) -> str | None:
     they are, kohya's reg images; none generated), or None where it names a folder or is empty
     (class images generated into it where missing)."""
     data = str(db.class_data)
-    return data if data.partition(":")[0] in sources.KINDS else None
+    return data if sources.is_spec(data) else None
 
 
 def class_folder(db: Any, stage_dir: Path) -> Path:
@@ -160,13 +160,14 @@ def plan(config: Any, stage_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"dreambooth.instance_data {db.instance_data!r} holds no images")
     specs, repeats = [spec], int(db.instance_repeats)
     if db.prior_loss_weight > 0:
-        weight = urlencode({"loss_weight": repr(float(db.prior_loss_weight))})
         given = class_spec(db)
+        weight = repr(float(db.prior_loss_weight))
         if given is None:
-            specs.append(f"folder:{class_folder(db, stage_dir)}?" + weight)
+            folder = class_folder(db, stage_dir)  # (a "?" in the path is no query)
+            specs.append(f"folder:{folder}?" + urlencode({"loss_weight": weight}))
             n_class = int(db.num_class_images)
         else:
-            specs.append(given + ("&" if "?" in given else "?") + weight)
+            specs.append(sources.with_options(given, loss_weight=weight))
             n_class = len(sources.open_source(given))
             if n_class == 0:
                 raise FileNotFoundError(f"dreambooth.class_data {given!r} holds no images")
@@ -175,7 +176,7 @@ def plan(config: Any, stage_dir: Path) -> dict[str, Any]:
             # pairs them one to one; kohya balances reg images to the train images).
             repeats = max(1, round(n_class / n))
     if repeats > 1:
-        specs[0] += ("&" if "?" in specs[0] else "?") + urlencode({"repeats": repeats})
+        specs[0] = sources.with_options(specs[0], repeats=repeats)
     return {"sources": specs, "instances": n, "instance_repeats": max(repeats, 1)}
 
 
